@@ -1,0 +1,256 @@
+"""Cache the truncated LM's hidden states: final-token reward features and the sentence-final SAE corpus.
+
+Each (prompt, response) is rendered with the model's chat template, the trailing whitespace dropped so the
+last token is the end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...), and left-truncated to `max_length`.
+Sequences run through layers 1..L in length-sorted batches; each hidden vector kept is standardised per
+token, (h - mean) / (std + eps), and streamed to safetensors shards, so memory stays flat as data grows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sarm.errors import SarmError
+
+log = logging.getLogger(__name__)
+
+SENTENCE_END_CHARS = frozenset(".,?!;\n")
+STANDARDIZE_EPS = 1e-6
+INDEX_FILE = "index.parquet"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Encoded:
+    """One tokenised conversation: its ids, the positions of sentence-final content tokens, and whether
+    it was cut to fit `max_length`."""
+
+    input_ids: np.ndarray
+    sentence_ends: np.ndarray
+    truncated: bool
+
+
+def render(tokenizer, prompt: list[dict], response: str) -> str:
+    messages = list(prompt) + [{"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+
+
+def _content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
+    """Character spans of each message's content inside the rendered text, found left to right."""
+    spans, cursor = [], 0
+    for content in contents:
+        start = text.find(content, cursor) if content else -1
+        if start >= 0:
+            spans.append((start, start + len(content)))
+            cursor = start + len(content)
+    return spans
+
+
+def sentence_final_positions(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token positions that close a sentence: the last token of a run of `. , ? ! ; \\n` inside message
+    content (template scaffolding and special tokens never count)."""
+
+    def in_content(start: int, end: int) -> bool:
+        return end > start and any(s <= start and end <= e for s, e in spans)
+
+    def ends_with_mark(i: int) -> bool:
+        piece = text[offsets[i][0] : offsets[i][1]].rstrip(" \t")
+        return bool(piece) and piece[-1] in SENTENCE_END_CHARS
+
+    def starts_with_mark(i: int) -> bool:
+        piece = text[offsets[i][0] : offsets[i][1]].lstrip(" \t")
+        return bool(piece) and piece[0] in SENTENCE_END_CHARS
+
+    positions = []
+    for i, (start, end) in enumerate(offsets):
+        if not in_content(start, end) or not ends_with_mark(i):
+            continue
+        following = i + 1 < len(offsets) and in_content(*offsets[i + 1]) and starts_with_mark(i + 1)
+        if not following:
+            positions.append(i)
+    return positions
+
+
+def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> Encoded:
+    text = render(tokenizer, prompt, response)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    spans = _content_spans(text, [m["content"] for m in prompt] + [response])
+    ends = np.asarray(sentence_final_positions(text, offsets, spans), dtype=np.int64)
+    cut = max(0, len(ids) - max_length)  # keep the end: the reward is read at the final token
+    return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0)
+
+
+def standardize(hidden: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
+    """Per-token standardisation over the hidden dimension, in float32."""
+    hidden = hidden.float()
+    return (hidden - hidden.mean(-1, keepdim=True)) / (hidden.std(-1, keepdim=True) + eps)
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices of similar length (longest first, so an out-of-memory shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def forward_batch(model, batch: list[Encoded], pad_id: int, device: str, with_sentences: bool):
+    """Run one right-padded batch; return standardised final-token vectors [B, d] and, per sequence,
+    its standardised sentence-final vectors [m_i, d]."""
+    lengths = [len(e.input_ids) for e in batch]
+    ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.input_ids)] = torch.from_numpy(e.input_ids)
+        mask[row, : len(e.input_ids)] = 1
+    hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    rows = torch.arange(len(batch), device=hidden.device)
+    final = standardize(hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]).cpu()
+    sentences = []
+    if with_sentences:
+        for row, e in enumerate(batch):
+            pos = torch.from_numpy(e.sentence_ends).to(hidden.device)
+            sentences.append(standardize(hidden[row, pos]).cpu())
+    return final, sentences
+
+
+def pair_sequences(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Two sequences per pair: sequence 2i is pair i's chosen response, 2i+1 its rejected one."""
+    rows = []
+    for i, pair in enumerate(pairs.itertuples(index=False)):
+        rows.append({"seq": 2 * i, "pair": i, "id": pair.id, "side": "chosen", "prompt": pair.prompt, "response": pair.chosen})
+        rows.append({"seq": 2 * i + 1, "pair": i, "id": pair.id, "side": "rejected", "prompt": pair.prompt, "response": pair.rejected})
+    return pd.DataFrame(rows)
+
+
+class ShardWriter:
+    """Buffers vectors and writes a safetensors shard every `shard_size` sequences (tmp file, then rename)."""
+
+    def __init__(self, out_dir: Path, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.n_shards = 0
+        self._clear()
+
+    def _clear(self):
+        self.seq, self.final, self.sent, self.sent_seq = [], [], [], []
+
+    def add(self, seq: list[int], final: torch.Tensor, sentences: list[torch.Tensor]):
+        self.seq.extend(seq)
+        self.final.append(final)
+        for s, vectors in zip(seq, sentences):
+            self.sent.append(vectors.half())
+            self.sent_seq.append(torch.full((len(vectors),), s, dtype=torch.long))
+        if len(self.seq) >= self.shard_size:
+            self.flush()
+
+    def flush(self):
+        if not self.seq:
+            return
+        tensors = {"seq": torch.tensor(self.seq, dtype=torch.long), "final": torch.cat(self.final)}
+        if self.sent:
+            tensors["sent"] = torch.cat(self.sent)
+            tensors["sent_seq"] = torch.cat(self.sent_seq)
+        path = self.out_dir / f"shard_{self.n_shards:05d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+        self.n_shards += 1
+        self._clear()
+
+
+def cache_activations(
+    model,
+    tokenizer,
+    pairs: pd.DataFrame,
+    out_dir: str | Path,
+    max_length: int,
+    batch_size: int,
+    device: str = "cpu",
+    shard_size: int = 1024,
+    with_sentences: bool = True,
+    meta: dict | None = None,
+) -> dict:
+    """Cache the standardised hidden states of every chosen and rejected sequence of `pairs`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sequences = pair_sequences(pairs)
+    encoded = [
+        encode(tokenizer, row.prompt, row.response, max_length)
+        for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
+    ]
+    sequences = sequences.drop(columns=["prompt", "response"]).assign(
+        n_tokens=[len(e.input_ids) for e in encoded],
+        n_sentences=[len(e.sentence_ends) for e in encoded],
+        truncated=[e.truncated for e in encoded],
+    )
+    writer = ShardWriter(out_dir, shard_size)
+    start = time.perf_counter()
+    batches = length_sorted_batches(sequences["n_tokens"].tolist(), batch_size)
+    for batch in tqdm(batches, desc=f"layers 1..L -> {out_dir.name}", mininterval=5):
+        final, sentences = forward_batch(model, [encoded[i] for i in batch], tokenizer.pad_token_id, device, with_sentences)
+        writer.add(batch, final, sentences)
+    writer.flush()
+    seconds = time.perf_counter() - start
+    sequences.to_parquet(out_dir / INDEX_FILE, index=False)
+    n_trunc = int(sequences["truncated"].sum())
+    if n_trunc:
+        log.warning("%d of %d sequences were longer than max_length=%d and lost their start", n_trunc, len(sequences), max_length)
+    info = {
+        **(meta or {}),
+        "n_pairs": len(pairs),
+        "n_sequences": len(sequences),
+        "n_tokens": int(sequences["n_tokens"].sum()),
+        "n_sentence_vectors": int(sequences["n_sentences"].sum()) if with_sentences else 0,
+        "n_truncated": n_trunc,
+        "max_length": max_length,
+        "n_shards": writer.n_shards,
+        "forward_seconds": round(seconds, 3),
+        "sequences_per_second": round(len(sequences) / max(seconds, 1e-9), 3),
+        "tokens_per_second": round(int(sequences["n_tokens"].sum()) / max(seconds, 1e-9), 1),
+        "standardize_eps": STANDARDIZE_EPS,
+    }
+    (out_dir / META_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+class ActivationCache:
+    """Read side of a cached activation folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / META_FILE).exists():
+            raise SarmError(f"{self.folder} is not a finished activation cache (no {META_FILE}); re-run its rule")
+        self.meta = json.loads((self.folder / META_FILE).read_text())
+        self.index = pd.read_parquet(self.folder / INDEX_FILE)
+        self.shards = sorted(self.folder.glob("shard_*.safetensors"))
+        if len(self.shards) != self.meta["n_shards"]:
+            raise SarmError(f"{self.folder}: {len(self.shards)} shards found, {self.meta['n_shards']} written; re-run its rule")
+
+    def final(self) -> torch.Tensor:
+        """Final-token vectors of all sequences, row = sequence number (chosen 2i, rejected 2i+1)."""
+        out = None
+        for shard in self.shards:
+            tensors = load_file(shard)
+            if out is None:
+                out = torch.empty(len(self.index), tensors["final"].shape[1])
+            out[tensors["seq"]] = tensors["final"]
+        return out
+
+    def sentence_shards(self) -> Iterator[torch.Tensor]:
+        """Sentence-final vectors, one shard at a time (float32)."""
+        for shard in self.shards:
+            tensors = load_file(shard)
+            if "sent" in tensors:
+                yield tensors["sent"].float()

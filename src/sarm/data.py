@@ -1,0 +1,401 @@
+"""Turn each configured preference data set into one normalised table of (prompt, chosen, rejected) pairs.
+
+A pair table has the columns in `COLUMNS`. `prompt` is the conversation before the judged response, a list
+of `{"role", "content"}` messages; `chosen` and `rejected` are the two final assistant responses.
+Each source format has a row adapter in `FORMATS`; rows an adapter cannot use are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sarm.errors import SarmError
+
+log = logging.getLogger(__name__)
+
+COLUMNS: list[str] = ["id", "prompt", "chosen", "rejected", "subset", "category", "dataset"]
+
+ROLES = ("system", "user", "assistant")
+_ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+class _Skip(Exception):
+    """Raised by a row adapter for a row that cannot become a pair; the argument is the skip reason."""
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as `Type: first line of message`, so that SarmError messages stay on one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row adapters. Each takes (row, dataset name, config entry) and returns prompt, chosen, rejected, subset, category.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _response(value: Any) -> str:
+    """Check one response text; skip the row if it is missing, not a string or blank."""
+    if value is None:
+        raise _Skip("missing_response")
+    if not isinstance(value, str):
+        raise _Skip("non_string_response")
+    if not value.strip():
+        raise _Skip("empty_response")
+    return value
+
+
+def _user_prompt(value: Any) -> list[dict]:
+    """A single-turn prompt string as a one-message conversation."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Skip("missing_prompt")
+    return [{"role": "user", "content": value}]
+
+
+def _labels(row: dict, name: str, spec: dict) -> tuple[str, str]:
+    """(subset, category): the row's own values if given, else the dataset name / config category / subset."""
+    subset = row.get("subset")
+    subset = subset if isinstance(subset, str) and subset else name
+    category = row.get("category")
+    category = category if isinstance(category, str) and category else spec.get("category") or subset
+    return subset, category
+
+
+def _parse_hh_prompt(prefix: str) -> list[dict]:
+    """Parse `\\n\\nHuman: …\\n\\nAssistant: …\\n\\nHuman: …` into alternating user/assistant messages.
+
+    Turns that do not alternate (e.g. an assistant text holding its own `\\n\\nAssistant:`) make the row
+    malformed: chat templates commonly require alternating roles.
+    """
+    parts = _TURN.split(prefix)
+    # parts = [text before the first turn, role, text, role, text, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise _Skip("malformed_transcript")
+    messages = []
+    for i, (speaker, text) in enumerate(zip(parts[1::2], parts[2::2])):
+        role = "user" if speaker == "Human" else "assistant"
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise _Skip("malformed_transcript")
+        messages.append({"role": role, "content": text.strip()})
+    if messages[-1]["role"] != "user":
+        raise _Skip("malformed_transcript")
+    return messages
+
+
+def _split_hh(transcript: Any) -> tuple[str, str]:
+    """(prefix, response) of one HH transcript, split at its last `\\n\\nAssistant:`."""
+    text = _response(transcript)
+    prefix, marker, response = text.rpartition(_ASSISTANT)
+    if not marker:
+        raise _Skip("malformed_transcript")
+    return prefix, _response(response).strip()
+
+
+def _hh_rlhf(row: dict, name: str, spec: dict) -> dict:
+    """Anthropic HH-RLHF: two full transcripts that share everything up to the last assistant turn."""
+    chosen_prefix, chosen = _split_hh(row.get("chosen"))
+    rejected_prefix, rejected = _split_hh(row.get("rejected"))
+    if chosen_prefix != rejected_prefix:
+        raise _Skip("malformed_transcript")
+    subset, category = _labels(row, name, spec)
+    return dict(prompt=_parse_hh_prompt(chosen_prefix), chosen=chosen, rejected=rejected,
+                subset=subset, category=category)
+
+
+def _rewardbench(row: dict, name: str, spec: dict) -> dict:
+    """RewardBench columns: a prompt string, two response strings and a subset (category optional)."""
+    subset, category = _labels(row, name, spec)
+    return dict(prompt=_user_prompt(row.get("prompt")), chosen=_response(row.get("chosen")),
+                rejected=_response(row.get("rejected")), subset=subset, category=category)
+
+
+def _messages(value: Any) -> list[dict]:
+    """Validate a list of chat messages, keeping only role and content."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise _Skip("malformed_transcript")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise _Skip("malformed_transcript")
+        if not isinstance(message.get("content"), str):
+            raise _Skip("malformed_transcript")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _chat_side(value: Any) -> tuple[list[dict], str]:
+    """(messages before the response, response) of one side: a response string or a message list."""
+    if isinstance(value, str) or value is None:
+        return [], _response(value)
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
+        raise _Skip("malformed_transcript")
+    *before, last = value
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise _Skip("malformed_transcript")
+    return _messages(before), _response(last.get("content"))
+
+
+def _chat(row: dict, name: str, spec: dict) -> dict:
+    """Chat messages: chosen/rejected end in the judged assistant message and share the messages before it.
+
+    When chosen/rejected hold only the response (a string or a one-message list), the prompt comes from
+    the `prompt` column, a string or a list of messages.
+    """
+    chosen_prompt, chosen = _chat_side(row.get("chosen"))
+    rejected_prompt, rejected = _chat_side(row.get("rejected"))
+    if chosen_prompt != rejected_prompt:
+        raise _Skip("malformed_transcript")
+    prompt = chosen_prompt
+    if not prompt:
+        given = row.get("prompt")
+        prompt = _user_prompt(given) if isinstance(given, str) or given is None else _messages(given)
+        if not prompt:
+            raise _Skip("missing_prompt")
+    subset, category = _labels(row, name, spec)
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected, subset=subset, category=category)
+
+
+def _llmbar(row: dict, name: str, spec: dict) -> dict:
+    """LLMBar: an instruction, two outputs and `label` (1 or 2) naming the better output."""
+    label = row.get("label")
+    if label not in (1, 2) or isinstance(label, bool):
+        raise _Skip("bad_label")
+    outputs = {1: _response(row.get("output_1")), 2: _response(row.get("output_2"))}
+    subset, category = _labels(row, name, spec)
+    return dict(prompt=_user_prompt(row.get("input")), chosen=outputs[label], rejected=outputs[3 - label],
+                subset=subset, category=category)
+
+
+FORMATS: dict[str, Callable[[dict, str, dict], dict]] = {
+    "hh_rlhf": _hh_rlhf,
+    "rewardbench": _rewardbench,
+    "chat": _chat,
+    "llmbar": _llmbar,
+}
+
+# Columns a source must have (in at least one row) for each format.
+_REQUIRED = {
+    "hh_rlhf": ("chosen", "rejected"),
+    "rewardbench": ("prompt", "chosen", "rejected", "subset"),
+    "chat": ("chosen", "rejected"),
+    "llmbar": ("input", "output_1", "output_2", "label"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading sources
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SarmError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+
+
+def _json_records(path: Path, text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SarmError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise SarmError(f"{path}: a JSON object must hold exactly one list of rows, found {len(lists)}")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise SarmError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def _jsonl_records(path: Path, text: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SarmError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SarmError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Rows of a `.jsonl`, `.json` (a list, or an object holding one list) or `.parquet` file, each optionally `.gz`."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = suffixes[-1:] == [".gz"]
+    kind = (suffixes[:-1] if compressed else suffixes)[-1:]
+    if kind not in ([".jsonl"], [".json"], [".parquet"]):
+        raise SarmError(f"{path}: unknown file type (expected .jsonl, .json or .parquet, optionally .gz)")
+    if not path.is_file():
+        raise SarmError(f"{path}: no such file")
+    try:
+        data = path.read_bytes()
+        if compressed:
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise SarmError(f"{path}: cannot read, corrupt or truncated ({_one_line(e)})") from None
+    if kind == [".parquet"]:
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise SarmError(f"{path}: invalid parquet ({_one_line(e)})") from None
+    text = _decode(path, data)
+    return _jsonl_records(path, text) if kind == [".jsonl"] else _json_records(path, text)
+
+
+def load_hub_records(hub_id: str, split: str, config_name: str | None = None, mirror: str | None = None,
+                     revision: str | None = None) -> list[dict]:
+    """Rows of a Hugging Face hub data set, read from `mirror/hub_id` when that folder exists, else from the hub."""
+    import datasets  # slow to import; only needed for hub data
+
+    local = Path(mirror) / hub_id if mirror else None
+    try:
+        if local is not None and local.is_dir():
+            tried = f"mirror {local}"
+            dataset = datasets.load_dataset(str(local), name=config_name, split=split)
+        else:
+            tried = f"mirror {local} not found" if local is not None else "no mirror configured"
+            dataset = datasets.load_dataset(hub_id, name=config_name, split=split, revision=revision)
+        return dataset.to_list()
+    except Exception as e:  # datasets raises many unrelated types (connection, file, value errors)
+        raise SarmError(f"cannot load hub data set {hub_id!r} split {split!r} ({tried}): {_one_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the pair table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_spec(name: str, spec: dict) -> None:
+    if not isinstance(spec, dict):
+        raise SarmError(f"dataset {name}: the config entry must be a mapping")
+    if ("path" in spec) == ("hub" in spec):
+        raise SarmError(f"dataset {name}: give exactly one of 'path' or 'hub'")
+    if spec.get("format") not in FORMATS:
+        raise SarmError(f"dataset {name}: 'format' must be one of {sorted(FORMATS)}, got {spec.get('format')!r}")
+    max_pairs = spec.get("max_pairs")
+    if max_pairs is not None and (not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1):
+        raise SarmError(f"dataset {name}: 'max_pairs' must be a positive integer, got {max_pairs!r}")
+
+
+def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The normalised pair table of one configured data set, and a report {rows_read, pairs_kept, skipped}."""
+    _check_spec(name, spec)
+    if "path" in spec:
+        source = str(spec["path"])
+        records = read_records(source)
+    else:
+        source = spec["hub"]
+        records = load_hub_records(source, spec.get("split", "train"), spec.get("config_name"), mirror,
+                                   spec.get("revision"))
+    if not records:
+        raise SarmError(f"dataset {name}: {source} has no rows")
+    columns = set().union(*records)
+    for column in _REQUIRED[spec["format"]]:
+        if column not in columns:
+            raise SarmError(f"dataset {name}: column {column!r} missing from {source} (columns: {sorted(columns)})")
+
+    adapter = FORMATS[spec["format"]]
+    pairs, skipped, seen = [], Counter(), set()
+    for index, row in enumerate(records):
+        try:
+            pair = adapter(row, name, spec)
+            if pair["chosen"] == pair["rejected"]:
+                raise _Skip("identical_responses")
+        except _Skip as skip:
+            skipped[skip.args[0]] += 1
+            continue
+        row_id = row.get("id")
+        row_id = f"{name}-{index}" if row_id is None else str(row_id)
+        if row_id in seen:
+            raise SarmError(f"dataset {name}: duplicated id {row_id!r} in {source}")
+        seen.add(row_id)
+        pairs.append({"id": row_id, **pair, "dataset": name})
+
+    if skipped:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items()))
+        log.warning("dataset %s: skipped %d of %d rows from %s (%s)", name, sum(skipped.values()), len(records),
+                    source, reasons)
+    if not pairs:
+        raise SarmError(f"dataset {name}: no valid pairs in {source} ({len(records)} rows read)")
+    max_pairs = spec.get("max_pairs")
+    if max_pairs is not None and max_pairs < len(pairs):
+        # The first max_pairs of a seeded shuffle, kept in source order.
+        keep = np.sort(np.random.default_rng(spec.get("seed", 0)).permutation(len(pairs))[:max_pairs])
+        pairs = [pairs[i] for i in keep]
+    table = pd.DataFrame(pairs, columns=COLUMNS)
+    return table, {"rows_read": len(records), "pairs_kept": len(table), "skipped": dict(skipped)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storing and splitting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_pairs(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a pair table to parquet atomically (a temporary file in the same folder, then renamed)."""
+    path = Path(path)
+    missing = [column for column in COLUMNS if column not in df.columns]
+    if missing:
+        raise SarmError(f"{path}: cannot write pairs, columns missing: {missing}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df[COLUMNS], preserve_index=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_pairs(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a pair table written by `write_pairs`; `prompt` comes back as lists of plain dicts."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SarmError(f"{path}: cannot read pairs ({_one_line(e)})") from None
+    missing = [column for column in COLUMNS if column not in table.column_names]
+    if missing:
+        raise SarmError(f"{path}: not a pair table, columns missing: {missing}")
+    df = table.select([c for c in COLUMNS if c != "prompt"]).to_pandas()
+    df.insert(COLUMNS.index("prompt"), "prompt", table.column("prompt").to_pylist())
+    return df
+
+
+def split_pairs(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation): a seeded shuffle with round(len * val_fraction) rows held out, at least 1 in each."""
+    if not 0 < val_fraction < 1:
+        raise SarmError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    if len(df) < 2:
+        raise SarmError(f"cannot split {len(df)} pair(s) into training and validation sets")
+    n_val = min(max(round(len(df) * val_fraction), 1), len(df) - 1)
+    order = np.random.default_rng(seed).permutation(len(df))
+    val = df.iloc[order[:n_val]].reset_index(drop=True)
+    train = df.iloc[order[n_val:]].reset_index(drop=True)
+    return train, val
