@@ -209,6 +209,7 @@ def cache_activations(
         log.warning("%d of %d sequences were longer than max_length=%d and lost their start", n_trunc, len(sequences), max_length)
     info = {
         **(meta or {}),
+        "hidden_size": model.config.hidden_size,
         "n_pairs": len(pairs),
         "n_sequences": len(sequences),
         "n_tokens": int(sequences["n_tokens"].sum()),
@@ -237,6 +238,10 @@ class ActivationCache:
         self.shards = sorted(self.folder.glob("shard_*.safetensors"))
         if len(self.shards) != self.meta["n_shards"]:
             raise SarmError(f"{self.folder}: {len(self.shards)} shards found, {self.meta['n_shards']} written; re-run its rule")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.meta["hidden_size"]
 
     def final(self) -> torch.Tensor:
         """Final-token vectors of all sequences, row = sequence number (chosen 2i, rejected 2i+1)."""

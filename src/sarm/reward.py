@@ -1,0 +1,217 @@
+"""The SARM reward model: truncated LM -> standardise -> frozen SAE encoder (TopK latents) -> linear head.
+
+r = sum_i w_i z_i at the final token (no bias, head zero-initialised), trained with the Bradley-Terry loss.
+The dense baseline is the same head on the standardised hidden state itself (`features = "hidden"`).
+A trained model is a folder: `reward_model.json` (all it takes to rebuild it), `head.safetensors` and,
+for SARM, the SAE in sae-lens format under `sae/`. `RewardModel` scores cached hidden states and raw
+(prompt, response) text through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from sarm import activations, models
+from sarm.errors import SarmError
+from sarm.sae import load_sae, save_sae
+
+CONFIG_FILE = "reward_model.json"
+HEAD_FILE = "head.safetensors"
+SAE_DIR = "sae"
+FEATURE_KINDS = ("sae", "hidden")
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+@torch.no_grad()
+def sae_features(sae, hidden: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """TopK latents of standardised hidden states, [n, d_sae] in float32."""
+    dtype, device = sae.W_enc.dtype, sae.W_enc.device
+    return torch.cat(
+        [sae.encode(hidden[i : i + batch_size].to(device, dtype)).float().cpu() for i in range(0, len(hidden), batch_size)]
+    )
+
+
+def _pairs(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows 2i / 2i+1 hold pair i's chosen / rejected sequence (see activations.pair_sequences)."""
+    return features[0::2], features[1::2]
+
+
+def train_head(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    log: Callable[[dict], None] | None = None,
+) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Fit w (zero-initialised, no bias) with BT loss on paired feature rows; keep the epoch with the
+    lowest validation loss. Returns the weights and one history row per epoch."""
+    chosen, rejected = _pairs(train)
+    val_chosen, val_rejected = _pairs(val)
+    weight = torch.zeros(train.shape[1], requires_grad=True)
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    best, best_loss, history = weight.detach().clone(), math.inf, []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(chosen), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss = bt_loss(chosen[idx] @ weight, rejected[idx] @ weight)
+            if not torch.isfinite(loss):
+                raise SarmError(f"reward head training: loss is {loss.item()} at epoch {epoch}; lower reward.lr")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        with torch.no_grad():
+            margin = chosen @ weight - rejected @ weight
+            val_margin = val_chosen @ weight - val_rejected @ weight
+            row = {
+                "epoch": epoch,
+                "train_loss": total / len(order),
+                "train_accuracy": (margin > 0).float().mean().item(),
+                "val_loss": F.softplus(-val_margin).mean().item(),
+                "val_accuracy": (val_margin > 0).float().mean().item(),
+            }
+        history.append(row)
+        if log:
+            log(row)
+        if row["val_loss"] < best_loss:
+            best, best_loss = weight.detach().clone(), row["val_loss"]
+    return best, pd.DataFrame(history)
+
+
+class RewardModel:
+    """A trained SARM (or dense-baseline) reward model; see the module docstring for its folder."""
+
+    def __init__(self, config: dict, weight: torch.Tensor, sae=None):
+        if config["features"] not in FEATURE_KINDS:
+            raise SarmError(f"reward model: unknown features {config['features']!r} (one of {FEATURE_KINDS})")
+        if config["features"] == "sae":
+            if sae is None:
+                raise SarmError("a SARM reward model needs its SAE")
+            if sae.cfg.d_sae != len(weight):
+                raise SarmError(f"the SAE has {sae.cfg.d_sae} latents but the head has {len(weight)} weights")
+        self.config, self.weight, self.sae = config, weight.float(), sae
+        self.device = "cpu"
+        self._backbone = self._tokenizer = None
+
+    # --- features and scores from cached (standardised) hidden states ---
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return sae_features(self.sae, hidden) if self.config["features"] == "sae" else hidden.float()
+
+    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.features(hidden) @ self.weight
+
+    def contributions(self, features: torch.Tensor) -> torch.Tensor:
+        """w_i * z_i per feature: each row sums to that sequence's reward."""
+        return features * self.weight
+
+    # --- raw text, end to end ---
+    def load_backbone(self, device: str = "cpu") -> None:
+        base = self.config["base_model"]
+        self.device = models.resolve_device(device)
+        trust = base.get("trust_remote_code", False)
+        self._tokenizer = models.load_tokenizer(base["path"], base.get("chat_template"), trust)
+        self._backbone = models.load_truncated(base["path"], base["layer"], models.resolve_dtype(base["dtype"], self.device), self.device, trust)
+        if self.sae is not None:
+            self.sae.to(self.device)
+
+    @torch.no_grad()
+    def hidden(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Standardised final-token states of each (prompt, response); a prompt is a string or messages."""
+        if len(prompts) != len(responses):
+            raise SarmError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self._backbone is None:
+            self.load_backbone(self.device)
+        max_length = self.config["base_model"]["max_length"]
+        encoded = [
+            activations.encode(self._tokenizer, _messages(p), r, max_length) for p, r in zip(prompts, responses)
+        ]
+        out = torch.empty(len(encoded), self.config["hidden_size"])
+        for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
+            final, _ = activations.forward_batch(
+                self._backbone, [encoded[i] for i in batch], self._tokenizer.pad_token_id, self.device, False
+            )
+            out[batch] = final
+        return out
+
+    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
+        """Rewards of (prompt, response) pairs from raw text."""
+        return self.score_hidden(self.hidden(prompts, responses, batch_size)).numpy()
+
+    # --- persistence ---
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.contiguous()}, path / HEAD_FILE)
+        if self.sae is not None:
+            save_sae(self.sae, path / SAE_DIR)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "RewardModel":
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
+        config = json.loads((path / CONFIG_FILE).read_text())
+        weight = load_file(path / HEAD_FILE)["weight"]
+        sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
+        model = cls(config, weight, sae)
+        model.device = models.resolve_device(device)
+        return model
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def fit_reward_model(
+    features: str, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None
+) -> tuple[RewardModel, pd.DataFrame]:
+    """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel."""
+    config = {
+        "format": "sarm-reward-model",
+        "version": 1,
+        "features": features,
+        "hidden_size": train.hidden_size,
+        "base_model": {
+            "name": model_spec["name"],
+            "path": str(Path(model_dir).resolve()),
+            "hub_id": model_spec.get("hub_id"),
+            "layer": model_spec["layer"],
+            "dtype": train.meta.get("dtype", model_spec["dtype"]),
+            "max_length": model_spec["max_length"],
+            "chat_template": model_spec.get("chat_template"),
+            "trust_remote_code": model_spec.get("trust_remote_code", False),
+        },
+        "standardize": {"per_token": True, "eps": activations.STANDARDIZE_EPS},
+        "read_at": "final token of the chat-templated prompt + response",
+        "training": {"mode": "frozen-backbone, cached features", **settings, "seed": seed},
+    }
+    shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
+    weight, history = train_head(
+        shell.features(train.final()), shell.features(val.final()),
+        settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log,
+    )
+    best = history.loc[history["val_loss"].idxmin()]
+    config["training"]["selected_epoch"] = int(best["epoch"])
+    config["training"]["val_accuracy"] = float(best["val_accuracy"])
+    return RewardModel(config, weight, sae), history

@@ -1,0 +1,227 @@
+"""The sequence-level TopK SAE: trained with sae-lens' own trainer on cached sentence-final activations,
+or loaded pretrained; saved and loaded in sae-lens format; measured on held-out activations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+from sarm.errors import SarmError
+
+log = logging.getLogger(__name__)
+
+
+def default_width(d_in: int, multiplier: int = 16) -> int:
+    return multiplier * d_in
+
+
+def default_k(d_in: int) -> int:
+    """The paper's k = 3/64 x hidden (192 for a 4096-wide model)."""
+    return max(1, round(3 * d_in / 64))
+
+
+def check_shape(d_sae: int, k: int) -> None:
+    if not 0 < k < d_sae:
+        raise SarmError(f"config key sae.k = {k} must be between 1 and the SAE width - 1 (width = {d_sae})")
+
+
+def shuffled_batches(shards: Callable[[], Iterable[torch.Tensor]], batch_size: int, buffer_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches from a re-iterable source of activation shards, holding at most
+    `buffer_size` (+ one shard) vectors in memory: the data provider sae-lens' trainer pulls from."""
+    generator = torch.Generator().manual_seed(seed)
+    buffer: list[torch.Tensor] = []
+    while True:
+        n_seen = 0
+        for shard in shards():
+            buffer.append(shard)
+            n_seen += len(shard)
+            if sum(len(b) for b in buffer) >= buffer_size:
+                yield from _drain(buffer, batch_size, generator)
+        if n_seen == 0:
+            raise SarmError("the SAE corpus is empty: no sentence-final activations were cached")
+        yield from _drain(buffer, batch_size, generator)
+
+
+def _drain(buffer: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    pool = torch.cat(buffer)
+    buffer.clear()
+    pool = pool[torch.randperm(len(pool), generator=generator)]
+    n_full = len(pool) // batch_size * batch_size
+    for start in range(0, n_full, batch_size):
+        yield pool[start : start + batch_size]
+    if n_full < len(pool):
+        buffer.append(pool[n_full:])  # the remainder opens the next pool
+
+
+def train_sae(
+    shards,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    total_samples: int,
+    batch_size: int = 1024,
+    lr: float = 5e-4,
+    device: str = "cpu",
+    seed: int = 0,
+    buffer_size: int = 65536,
+    log_to_wandb: bool = False,
+    metadata: dict | None = None,
+) -> TopKTrainingSAE:
+    """Train a TopK SAE (Gao et al. 2024) with sae-lens' SAETrainer; `shards` is a callable returning an
+    iterable of [n, d_in] float tensors (one epoch of the corpus)."""
+    check_shape(d_sae, k)
+    torch.manual_seed(seed)
+    cfg = TopKTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        device=device,
+        apply_b_dec_to_input=True,  # x - b_pre before encoding, as in the paper
+        normalize_activations="none",  # inputs are standardised per token already
+    )
+    for key, value in (metadata or {}).items():
+        setattr(cfg.metadata, key, value)
+    sae = TopKTrainingSAE(cfg)
+    # b_pre starts at the corpus mean: standardised states share a large common direction (70 % of the
+    # squared norm for SmolLM2 at L=15), and a zero start spends the first steps learning it.
+    sae.b_dec.data = corpus_mean(shards, buffer_size).to(sae.b_dec)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total_samples,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        device=device,
+        dead_feature_window=max(1, min(1000, total_samples // batch_size // 4)),
+        feature_sampling_window=max(1, min(2000, total_samples // batch_size)),
+        logger=LoggingConfig(log_to_wandb=log_to_wandb, log_weights_to_wandb=False),
+    )
+    provider = shuffled_batches(shards, batch_size, buffer_size, seed)
+    return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider).fit()
+
+
+def corpus_mean(shards, max_vectors: int) -> torch.Tensor:
+    total, count = None, 0
+    for shard in shards():
+        total = shard.sum(0) if total is None else total + shard.sum(0)
+        count += len(shard)
+        if count >= max_vectors:
+            break
+    if not count:
+        raise SarmError("the SAE corpus is empty: no sentence-final activations were cached")
+    return total / count
+
+
+def save_sae(sae, out_dir: str | Path) -> Path:
+    """Save in sae-lens' inference format (cfg.json + sae_weights.safetensors)."""
+    out_dir = Path(out_dir)
+    if hasattr(sae, "save_inference_model"):
+        sae.save_inference_model(out_dir)
+    else:
+        sae.save_model(out_dir)
+    return out_dir
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    path = Path(path)
+    if not (path / "cfg.json").exists():
+        raise SarmError(f"{path} is not an sae-lens folder (no cfg.json)")
+    try:
+        return SAE.load_from_disk(path, device=device).eval().requires_grad_(False)
+    except Exception as err:
+        raise SarmError(f"SAE at {path} could not be loaded: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def load_pretrained(spec: dict, device: str = "cpu") -> SAE:
+    """`{release, sae_id}` through sae-lens' registry and the hub, or `{path}` to a local sae-lens folder."""
+    if spec.get("path"):
+        return load_sae(spec["path"], device)
+    try:
+        return SAE.from_pretrained(spec["release"], spec["sae_id"], device=device).eval().requires_grad_(False)
+    except Exception as err:
+        raise SarmError(
+            f"config key sae.pretrained: SAE {spec['release']}/{spec['sae_id']} could not be loaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from err
+
+
+@torch.no_grad()
+def evaluate_sae(sae, vectors: torch.Tensor, batch_size: int = 4096) -> dict:
+    """FVU (1 - explained variance), mean L0 and the fraction of latents that never fire on `vectors`."""
+    if len(vectors) == 0:
+        raise SarmError("no held-out activations to measure the SAE on")
+    sq_err, fired = 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    l0 = 0.0
+    dtype = next(sae.parameters()).dtype
+    device = next(sae.parameters()).device
+    for start in range(0, len(vectors), batch_size):
+        x = vectors[start : start + batch_size].to(device, dtype)
+        z = sae.encode(x)
+        sq_err += (sae.decode(z) - x).float().pow(2).sum().item()
+        active = z != 0
+        l0 += active.sum().item()
+        fired |= active.any(0).cpu()
+    total_var = (vectors.float() - vectors.float().mean(0)).pow(2).sum().item()
+    return {
+        "fvu": sq_err / total_var,
+        "l0": l0 / len(vectors),
+        "dead_fraction": 1.0 - fired.float().mean().item(),
+        "n_vectors": len(vectors),
+    }
+
+
+def warn_if_useless(metrics: dict, name: str) -> None:
+    if metrics["fvu"] >= 1.0:
+        log.warning(
+            "the SAE explains no variance on held-out %s states (FVU = %.3f >= 1): train it on more vectors or longer",
+            name, metrics["fvu"],
+        )
+
+
+def prepare_sae(settings: dict, train, val, device: str, seed: int, metadata: dict, log_to_wandb: bool = False):
+    """The SAE stage: train on `train`'s sentence-final corpus (an ActivationCache), or load the pretrained
+    one named in `settings`; measure it on `val`'s held-out sentence-final and final-token states."""
+    import time
+
+    d_in = train.hidden_size
+    start = time.perf_counter()
+    if settings["pretrained"]:
+        sae = load_pretrained(settings["pretrained"], device)
+        if sae.cfg.d_in != d_in:
+            raise SarmError(f"config key sae.pretrained: the SAE reads {sae.cfg.d_in}-dim inputs, the model layer has {d_in}")
+        source = {"pretrained": settings["pretrained"]}
+    else:
+        width = settings["width"] or default_width(d_in)
+        k = settings["k"] or default_k(d_in)
+        extra = [train.final()] if settings["include_final_token"] else []
+
+        def corpus():
+            yield from train.sentence_shards()
+            yield from extra
+
+        sae = train_sae(
+            corpus, d_in, width, k, settings["training_samples"], settings["batch_size"], settings["lr"],
+            device, seed, log_to_wandb=log_to_wandb, metadata=metadata,
+        )
+        source = {"trained": {key: settings[key] for key in ("training_samples", "batch_size", "lr", "include_final_token")}}
+    seconds = time.perf_counter() - start
+    return sae, source, seconds
+
+
+def measure(sae, val) -> dict:
+    """Held-out metrics through a (saved and re-loaded) SAE: on sentence-final and final-token states."""
+    metrics = {
+        "heldout_sentence": evaluate_sae(sae, torch.cat(list(val.sentence_shards()))),
+        "heldout_final_token": evaluate_sae(sae, val.final()),
+    }
+    for name, values in metrics.items():
+        warn_if_useless(values, name)
+    return metrics

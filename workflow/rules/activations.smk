@@ -1,0 +1,24 @@
+# Hidden states of layers 1..L: final-token reward features and the sentence-final SAE corpus.
+
+
+rule cache_activations:
+    input:
+        model=MODEL_DIR,
+        pairs=f"{RESOURCES}/tables/{{table}}.parquet",
+    output:
+        directory(f"{ACT}/{{table}}"),
+    params:
+        model=config["model"],
+        device=config["device"],
+        with_sentences=with_sentences,
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpus(),
+    log:
+        "logs/cache_activations/{table}.log",
+    benchmark:
+        "logs/benchmarks/cache_activations/{table}.tsv"
+    script:
+        "../scripts/cache_activations.py"

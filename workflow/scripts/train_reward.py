@@ -1,0 +1,24 @@
+import logging
+
+from sarm.activations import ActivationCache
+from sarm.reward import fit_reward_model
+from sarm.sae import load_sae
+from sarm.tracking import wandb_run
+from sarm.workflow import run_script
+
+
+def main(snakemake):
+    p, rm = snakemake.params, snakemake.wildcards.rm
+    sae = load_sae(snakemake.input.sae) if p.features == "sae" else None
+    train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
+    with wandb_run(p.wandb, p.wandb["job_type"], rm, {"features": p.features, **p.reward}) as run:
+        model, history = fit_reward_model(
+            p.features, train, val, snakemake.input.model, p.model, p.reward, sae, p.seed,
+            log=run.log if run is not None else None,
+        )
+    model.save_pretrained(snakemake.output[0])
+    history.to_csv(f"{snakemake.output[0]}/history.csv", index=False)
+    logging.info("%s: selected epoch %s, val accuracy %.3f", rm, model.config["training"]["selected_epoch"], model.config["training"]["val_accuracy"])
+
+
+run_script(snakemake, main)

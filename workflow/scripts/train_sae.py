@@ -1,0 +1,35 @@
+import json
+import logging
+
+from sarm import models
+from sarm.activations import ActivationCache
+from sarm.sae import load_sae, measure, prepare_sae, save_sae
+from sarm.tracking import wandb_run
+from sarm.workflow import run_script
+
+
+def main(snakemake):
+    p = snakemake.params
+    train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
+    device = models.resolve_device(p.device)
+    metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
+    with wandb_run(p.wandb, "sae", f"sae-{p.model}-L{p.layer}", dict(p.sae)) as run:
+        sae, source, seconds = prepare_sae(p.sae, train, val, device, p.seed, metadata, log_to_wandb=run is not None)
+        save_sae(sae, snakemake.output.model)
+        saved = load_sae(snakemake.output.model)  # measure what later rules will load
+        metrics = {
+            "width": saved.cfg.d_sae,
+            "k": getattr(saved.cfg, "k", None),
+            "d_in": saved.cfg.d_in,
+            **source,
+            "seconds": round(seconds, 1),
+            **measure(saved, val),
+        }
+        if run is not None:
+            run.summary.update({f"{k}/{m}": v for k, d in metrics.items() if isinstance(d, dict) for m, v in d.items()})
+    with open(snakemake.output.metrics, "w") as f:
+        json.dump(metrics, f, indent=2)
+    logging.info("SAE metrics: %s", metrics)
+
+
+run_script(snakemake, main)
