@@ -10,7 +10,6 @@ for SARM, the SAE in sae-lens format under `sae/`. `RewardModel` scores cached h
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -60,13 +59,14 @@ def train_head(
     log: Callable[[dict], None] | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """Fit w (zero-initialised, no bias) with BT loss on paired feature rows; keep the epoch with the
-    lowest validation loss. Returns the weights and one history row per epoch."""
+    highest validation accuracy (the lower validation loss breaks ties). Returns the weights and one
+    history row per epoch."""
     chosen, rejected = _pairs(train)
     val_chosen, val_rejected = _pairs(val)
     weight = torch.zeros(train.shape[1], requires_grad=True)
     optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    best, best_loss, history = weight.detach().clone(), math.inf, []
+    snapshots, history = [], []
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(chosen), generator=generator)
         total = 0.0
@@ -92,9 +92,14 @@ def train_head(
         history.append(row)
         if log:
             log(row)
-        if row["val_loss"] < best_loss:
-            best, best_loss = weight.detach().clone(), row["val_loss"]
-    return best, pd.DataFrame(history)
+        snapshots.append(weight.detach().clone())
+    history = pd.DataFrame(history)
+    return snapshots[selected_epoch(history) - 1], history
+
+
+def selected_epoch(history: pd.DataFrame) -> int:
+    """The epoch train_head keeps: best validation accuracy, then lowest validation loss."""
+    return int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")["epoch"].iloc[0])
 
 
 class RewardModel:
@@ -211,7 +216,7 @@ def fit_reward_model(
         shell.features(train.final()), shell.features(val.final()),
         settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log,
     )
-    best = history.loc[history["val_loss"].idxmin()]
+    best = history.loc[selected_epoch(history) - 1]
     config["training"]["selected_epoch"] = int(best["epoch"])
     config["training"]["val_accuracy"] = float(best["val_accuracy"])
     return RewardModel(config, weight, sae), history

