@@ -7,8 +7,12 @@ import os
 
 
 @contextlib.contextmanager
-def wandb_run(settings: dict, job_type: str, name: str, config: dict):
-    """Yield a wandb run (group = the experiment, job type = the rule), or None when mode is disabled."""
+def wandb_run(workflow_config: dict, job_type: str, name: str, config: dict):
+    """Yield a wandb run (group = the experiment, job type = the rule), or None when mode is disabled.
+
+    Settings come from the workflow config's `wandb` section, not from rule params, so turning wandb on
+    or off never re-runs a rule."""
+    settings = workflow_config.get("wandb", {})
     if settings.get("mode", "disabled") == "disabled":
         yield None
         return
@@ -17,12 +21,12 @@ def wandb_run(settings: dict, job_type: str, name: str, config: dict):
     run = wandb.init(
         project=settings.get("project", "sarm"),
         entity=settings.get("entity"),
-        group=settings.get("group"),
+        group=workflow_config.get("experiment"),
         job_type=job_type,
         name=name,
         config=config,
         mode=settings["mode"],
-        dir=settings.get("dir") or os.getcwd(),
+        dir=os.getcwd(),
     )
     try:
         yield run

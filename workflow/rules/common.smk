@@ -89,7 +89,3 @@ def with_sentences(wildcards):
 
 def gpus():
     return 1 if USES_GPU else 0
-
-
-def wandb_settings(job_type):
-    return {**config["wandb"], "group": config["experiment"], "job_type": job_type}

@@ -12,7 +12,6 @@ rule train_reward:
         reward=config["reward"],
         model=config["model"],
         seed=config["seed"],
-        wandb=lambda wildcards: wandb_settings(f"train_reward_{wildcards.rm}"),
     threads: 4
     resources:
         mem_mb=4000,

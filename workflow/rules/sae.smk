@@ -14,7 +14,6 @@ rule sae:
         seed=config["seed"],
         layer=LAYER,
         model=MODEL,
-        wandb=wandb_settings("sae"),
     threads: 8
     resources:
         mem_mb=8000,

@@ -20,7 +20,6 @@ rule tables:
     params:
         models=[*TRAINED_MODELS, *BASELINES],
         tables=EVAL_TABLES,
-        results=RESULTS,
     log:
         "logs/tables.log",
     script:

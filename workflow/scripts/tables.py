@@ -1,4 +1,6 @@
+import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -6,22 +8,25 @@ from sarm.tables import accuracy_figure, accuracy_table, write_table
 from sarm.workflow import run_script
 
 
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(snakemake):
     p = snakemake.params
+    # inputs and outputs come in `expand` order: models x tables, and tables x (md, csv)
+    summaries = dict(zip(itertools.product(p.models, p.tables), snakemake.input.summaries))
+    stems = [Path(path).with_suffix("") for path in snakemake.output.accuracy[::2]]
     figure = {}
-    for table in p.tables:
-        summaries = {}
-        for model in p.models:
-            with open(f"{p.results}/eval/{model}/{table}/summary.json") as f:
-                summaries[model] = json.load(f)
-        figure[table] = accuracy_table(summaries)
+    for table, stem in zip(p.tables, stems):
+        figure[table] = accuracy_table({model: load(summaries[model, table]) for model in p.models})
         note = " (held out from training; it also picks the head's epoch)" if table == "val" else ""
-        write_table(figure[table], f"{p.results}/tables/accuracy_{table}", f"Pair accuracy (%) on {table}{note}")
-    with open(snakemake.input.sae) as f:
-        sae = json.load(f)
+        write_table(figure[table], stem, f"Pair accuracy (%) on {table}{note}")
+    sae = load(snakemake.input.sae)
     rows = [{"heldout": name.removeprefix("heldout_"), **sae[name]} for name in sae if name.startswith("heldout_")]
     sae_table = pd.DataFrame(rows).assign(width=sae["width"], k=sae["k"]).round(4)
-    write_table(sae_table, f"{p.results}/tables/sae_metrics", "SAE on held-out activations")
+    write_table(sae_table, Path(snakemake.output.sae[0]).with_suffix(""), "SAE on held-out activations")
     accuracy_figure(figure, snakemake.output.figure)
 
 

@@ -11,7 +11,7 @@ def main(snakemake):
     p, rm = snakemake.params, snakemake.wildcards.rm
     sae = load_sae(snakemake.input.sae) if p.features == "sae" else None
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
-    with wandb_run(p.wandb, p.wandb["job_type"], rm, {"features": p.features, **p.reward}) as run:
+    with wandb_run(snakemake.config, "train_reward", rm, {"features": p.features, **p.reward}) as run:
         model, history = fit_reward_model(
             p.features, train, val, snakemake.input.model, p.model, p.reward, sae, p.seed,
             log=run.log if run is not None else None,

@@ -13,7 +13,7 @@ def main(snakemake):
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
     device = models.resolve_device(p.device)
     metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
-    with wandb_run(p.wandb, "sae", f"sae-{p.model}-L{p.layer}", dict(p.sae)) as run:
+    with wandb_run(snakemake.config, "sae", f"sae-{p.model}-L{p.layer}", dict(p.sae)) as run:
         sae, source, seconds = prepare_sae(p.sae, train, val, device, p.seed, metadata, log_to_wandb=run is not None)
         save_sae(sae, snakemake.output.model)
         saved = load_sae(snakemake.output.model)  # measure what later rules will load
