@@ -87,3 +87,14 @@ def test_stale_cache_is_refused(trained):
     model = RewardModel.from_pretrained(root / "rm")
     with pytest.raises(SarmError, match="cached from other pairs"):
         score_cached(model, A.ActivationCache(root / "val"), val_pairs.iloc[::-1])
+
+
+def test_cli_scores_like_the_package(trained, capsys):
+    from sarm.cli import main
+
+    root, val_pairs, _ = trained
+    prompt, response = val_pairs.prompt[0][-1]["content"], val_pairs.chosen[0]
+    main(["score", "--model", str(root / "rm"), "--prompt", prompt, "--response", response])
+    printed = float(capsys.readouterr().out.split(":")[1].strip(" }\n"))
+    expected = RewardModel.from_pretrained(root / "rm").score([prompt], [response])[0]
+    assert printed == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,47 @@
+"""The `sarm` command. Each subcommand lives in its own module, which provides `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from sarm.errors import SarmError
+
+# Modules that add subcommands (each defines `register(subparsers)`).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _score(args) -> None:
+    from sarm.reward import RewardModel
+
+    model = RewardModel.from_pretrained(args.model, device=args.device)
+    rewards = model.score([args.prompt], [args.response])
+    print(json.dumps({"reward": float(rewards[0])}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sarm", description="Sparse-autoencoder reward models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score one (prompt, response) with a trained reward model")
+    score.add_argument("--model", required=True, help="a reward model folder, e.g. results/reward/sarm")
+    score.add_argument("--prompt", required=True)
+    score.add_argument("--response", required=True)
+    score.add_argument("--device", default="cpu")
+    score.set_defaults(func=_score)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SarmError as err:
+        sys.exit(f"sarm: error: {err}")
+
+
+if __name__ == "__main__":
+    main()
