@@ -19,6 +19,9 @@ include: "workflow/rules/sae.smk"
 include: "workflow/rules/reward.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/explain.smk"
+include: "workflow/rules/align.smk"
+include: "workflow/rules/rl.smk"
 
 
 rule all:

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from sarm import activations as A
-from sarm import models
 from sarm.errors import SarmError
 from sarm.evaluate import score_cached
-from sarm.reward import RewardModel, bt_loss, fit_reward_model, train_head
+from sarm.reward import RewardModel, bt_loss, train_head
 from sarm.sae import train_sae
 
 
@@ -36,25 +35,6 @@ def test_sae_width_must_match_head(tmp_path):
     sae = train_sae(lambda: [torch.randn(256, 8)], 8, 32, 2, 256, batch_size=64)
     with pytest.raises(SarmError, match="the SAE has 32 latents but the head has 31 weights"):
         RewardModel({"features": "sae"}, torch.zeros(31), sae)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, hh_pairs, tmp_path_factory):
-    """A SARM on the tiny model: cache train/val, train an SAE and a head, save it."""
-    root = tmp_path_factory.mktemp("sarm")
-    tokenizer = models.load_tokenizer(tiny_model_dir)
-    backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
-    train_pairs, val_pairs = hh_pairs.iloc[:8].reset_index(drop=True), hh_pairs.iloc[8:].reset_index(drop=True)
-    for name, pairs in (("train", train_pairs), ("val", val_pairs)):
-        A.cache_activations(backbone, tokenizer, pairs, root / name, max_length=96, batch_size=4, meta={"dtype": "float32"})
-    train, val = A.ActivationCache(root / "train"), A.ActivationCache(root / "val")
-    sae = train_sae(train.sentence_shards, 64, 256, 8, 2000, batch_size=64)
-    spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
-    settings = {"epochs": 3, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}
-    model, history = fit_reward_model("sae", train, val, tiny_model_dir, spec, settings, sae)
-    model.weight = torch.randn_like(model.weight)  # a head with every weight non-zero tests more
-    model.save_pretrained(root / "rm")
-    return root, val_pairs, history
 
 
 def test_cached_features_and_raw_text_give_the_same_score(trained):

@@ -30,7 +30,14 @@ def tiny_config(tiny_model_dir: Path, shared_data: Path) -> dict:
         "eval": {"datasets": ["rb-like"], "max_pairs_per_subset": 2},
         "sae": {"width": 256, "k": 8, "training_samples": 4096, "batch_size": 128},
         "reward": {"epochs": 4, "lr": 0.01, "batch_size": 8},
+        "bon": {"path": str(shared_data / "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz"), "max_prompts": 4,
+                "reference": str(shared_data / "reference_results/bon_eval"), "curve_draws": 20},
+        "explain": {"n_weight": 3, "n_frequent": 2, "n_contexts": 6, "labels": {"n_features": 2, "n_contexts": 6, "retries": 0, "max_new_tokens": 6}},
+        "shift": {"categories": ["safety"], "n_features": 2},
     }
+
+
+SECRET = "sk-test-7c1e55d0-do-not-log"
 
 
 def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -40,7 +47,8 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600) -> su
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    # Secrets in the environment, as on a real cluster: they must never reach a log or an output.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": SECRET, "OPENAI_API_KEY": SECRET}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -85,6 +93,69 @@ def test_trained_reward_model_scores_raw_text_like_the_workflow(smoke_run):
     assert raw == pytest.approx(scores.score_chosen.to_numpy(), abs=1e-4)
 
 
+def test_best_of_n_tables_score_every_candidate_from_one_cache(smoke_run):
+    scores = pd.read_parquet(smoke_run / "results/bon/scores.parquet")
+    assert len(scores) == 44 and {"sarm", "dense", "win_prob", "truncated"} <= set(scores.columns)
+    meta = json.loads((smoke_run / "results/activations/tiny-L2/bon/meta.json").read_text())
+    assert meta["n_sequences"] == 44 and meta["n_prompts"] == 4  # one forward per candidate, for both models
+    table = pd.read_csv(smoke_run / "results/tables/bon_winrate.csv")
+    ours = table[table.source == "this run"].set_index("selector")
+    assert list(ours.index) == ["sarm", "dense", "random", "longest", "shortest", "oracle"] and (ours["N"] == 11).all()
+    assert ours.loc["oracle", "win_rate"] >= ours["win_rate"].max() and (table.source != "this run").sum() == 7
+    curve = pd.read_csv(smoke_run / "results/tables/bon_curve.csv")
+    assert list(curve["N"]) == list(range(1, 12)) and curve["oracle"].iloc[-1] == pytest.approx(ours.loc["oracle", "win_rate"], abs=0.05)
+    assert (smoke_run / "results/figures/bon_curve.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def second_run(tiny_model_dir, shared_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke-again")
+    result = snakemake(workdir, tiny_config(tiny_model_dir, shared_data))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_same_seed_gives_bitwise_identical_results(smoke_run, second_run):
+    for scores in sorted((smoke_run / "results/eval").glob("*/*/scores.parquet")):
+        again = second_run / scores.relative_to(smoke_run)
+        assert pd.read_parquet(scores).equals(pd.read_parquet(again)), scores
+    for weights in ("results/reward/sarm/head.safetensors", "results/sae/tiny-L2/model/sae_weights.safetensors"):
+        assert (smoke_run / weights).read_bytes() == (second_run / weights).read_bytes(), weights
+
+
+def test_run_records_versions_and_data_checksums(smoke_run, shared_data):
+    import hashlib
+
+    record = json.loads((smoke_run / "results/provenance.json").read_text())
+    assert {"torch", "transformers", "sae-lens"} <= set(record["versions"]) and record["versions"]["torch"]
+    hh = shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"
+    assert record["data"]["hh-helpful"]["sha256"] == hashlib.sha256(hh.read_bytes()).hexdigest()
+    assert record["model"]["weights_sha256"]["model.safetensors"]
+
+
+def test_secrets_never_reach_logs_or_outputs(smoke_run):
+    leaks = [p for p in smoke_run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    assert (smoke_run / "config.yaml").exists() and any((smoke_run / "logs").rglob("*.log"))
+
+
+def test_explain_stage_writes_attributions_cards_and_the_shift(smoke_run):
+    results = smoke_run / "results"
+    attributions = pd.read_parquet(results / "explain/sarm/attributions/rb-like.parquet")
+    scores = pd.read_parquet(results / "eval/sarm/rb-like/scores.parquet")
+    sums = attributions.groupby("seq")["contribution"].sum().to_numpy()
+    assert sums[0::2] == pytest.approx(scores.score_chosen.to_numpy(), abs=1e-5)
+    page = (results / "explain/sarm/cards.html").read_text()
+    stats = json.loads((results / "explain/sarm/features.json").read_text())
+    assert page.count('<section class="card"') == len(stats["features"]) >= 3 and "data:image/png;base64," in page
+    labels = json.loads((results / "explain/sarm/labels.json").read_text())
+    assert len(labels) == 2 and {v["status"] for v in labels.values()} <= {"labelled", "unlabelled", "cached"}
+    shift = pd.read_csv(results / "tables/preference_shift.csv")
+    assert shift["set"].iloc[0] == "target set" and (shift["mean_shift_not_firing"] == 0).all()
+    assert {"chat", "chat_hard", "safety", "reasoning", "overall"} <= set(shift["set"]) and set(shift["table"]) == {"val", "rb-like"}
+    assert (results / "shift/sarm/model/reward_model.json").exists() and (results / "figures/preference_shift.png").stat().st_size > 10_000
+
+
 def test_second_run_has_nothing_to_do(smoke_run, tiny_model_dir, shared_data):
     result = snakemake(smoke_run, tiny_config(tiny_model_dir, shared_data), "-n")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
@@ -112,6 +183,9 @@ def bad(tiny_model_dir, shared_data, **changes) -> dict:
         ({"sae__k": 256}, "config key sae.k = 256 must be smaller than sae.width = 256"),
         ({"train__datasets": ["nope"]}, "config key train.datasets: 'nope' is not defined under datasets"),
         ({"reward__epochs": 0}, "config key reward.epochs: 0 is less than the minimum of 1"),
+        ({"model__layer": -3}, "config key model.layer: -3 is less than the minimum of 1"),
+        ({"device": "gpu"}, "config key device: 'gpu' does not match"),
+        ({"eval": {"datasets": ["train"]}}, "config key eval.datasets: 'train' is not defined under datasets"),
     ],
 )
 def test_bad_config_fails_at_start_naming_the_key(tiny_model_dir, shared_data, tmp_path, changes, message):

@@ -93,6 +93,14 @@ def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> Enc
     return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0)
 
 
+def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
+    """A conversation already rendered with the chat template, tokenised as `encode` tokenises the text it
+    renders (no chat template applied here, no special tokens added; no sentence positions)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = max(0, len(ids) - max_length)
+    return Encoded(np.asarray(ids[cut:], dtype=np.int64), np.zeros(0, dtype=np.int64), cut > 0)
+
+
 def standardize(hidden: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
     """Per-token standardisation over the hidden dimension, in float32."""
     hidden = hidden.float()
@@ -183,9 +191,31 @@ def cache_activations(
     meta: dict | None = None,
 ) -> dict:
     """Cache the standardised hidden states of every chosen and rejected sequence of `pairs`."""
+    return cache_sequences(
+        model, tokenizer, pair_sequences(pairs), out_dir, max_length, batch_size, device, shard_size,
+        with_sentences, meta, counts={"n_pairs": len(pairs)},
+    )
+
+
+def cache_sequences(
+    model,
+    tokenizer,
+    sequences: pd.DataFrame,
+    out_dir: str | Path,
+    max_length: int,
+    batch_size: int,
+    device: str = "cpu",
+    shard_size: int = 1024,
+    with_sentences: bool = True,
+    meta: dict | None = None,
+    counts: dict | None = None,
+) -> dict:
+    """Cache the standardised hidden states of any list of (prompt, response): one row of `sequences` each,
+    with columns `prompt` (chat messages) and `response`; row i becomes cached sequence i, and the other
+    columns go to the index as they are."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sequences = pair_sequences(pairs)
+    sequences = sequences.reset_index(drop=True)
     encoded = [
         encode(tokenizer, row.prompt, row.response, max_length)
         for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
@@ -210,7 +240,7 @@ def cache_activations(
     info = {
         **(meta or {}),
         "hidden_size": model.config.hidden_size,
-        "n_pairs": len(pairs),
+        **(counts or {}),
         "n_sequences": len(sequences),
         "n_tokens": int(sequences["n_tokens"].sum()),
         "n_sentence_vectors": int(sequences["n_sentences"].sum()) if with_sentences else 0,

@@ -10,7 +10,7 @@ import sys
 from sarm.errors import SarmError
 
 # Modules that add subcommands (each defines `register(subparsers)`).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("sarm.serve", "sarm.explain")
 
 
 def _score(args) -> None:

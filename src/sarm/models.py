@@ -176,7 +176,7 @@ def load_truncated(
         config.layer_types = config.layer_types[:layer]
     config.use_cache = False
     model = AutoModel.from_pretrained(
-        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     for name in FINAL_NORM_NAMES:
         if isinstance(getattr(model, name, None), torch.nn.Module):

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from sarm import activations, models
+from sarm import activations, checkpoints, models
 from sarm.errors import SarmError
 from sarm.sae import load_sae, save_sae
 
 CONFIG_FILE = "reward_model.json"
 HEAD_FILE = "head.safetensors"
 SAE_DIR = "sae"
+HEAD_STATE = "head_state.pt"
 FEATURE_KINDS = ("sae", "hidden")
 
 
@@ -57,17 +58,28 @@ def train_head(
     weight_decay: float = 0.0,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
+    checkpoint_root: str | Path | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """Fit w (zero-initialised, no bias) with BT loss on paired feature rows; keep the epoch with the
     highest validation accuracy (the lower validation loss breaks ties). Returns the weights and one
-    history row per epoch."""
+    history row per epoch. With `checkpoint_root`, every epoch is checkpointed there and a run that
+    finds a checkpoint resumes after it, ending exactly as an uninterrupted run would."""
     chosen, rejected = _pairs(train)
     val_chosen, val_rejected = _pairs(val)
     weight = torch.zeros(train.shape[1], requires_grad=True)
     optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    snapshots, history = [], []
-    for epoch in range(1, epochs + 1):
+    snapshots, history, first = [], [], 1
+    resume_from = checkpoints.latest(checkpoint_root)
+    if resume_from is not None:
+        state = torch.load(resume_from / HEAD_STATE, weights_only=True)
+        with torch.no_grad():
+            weight.copy_(state["weight"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        snapshots, history, first = list(state["snapshots"]), state["history"], int(resume_from.name) + 1
+    for epoch in range(first, epochs + 1):
+        checkpoints.fault_point("head", epoch)
         order = torch.randperm(len(chosen), generator=generator)
         total = 0.0
         for start in range(0, len(order), batch_size):
@@ -93,8 +105,25 @@ def train_head(
         if log:
             log(row)
         snapshots.append(weight.detach().clone())
+        if checkpoint_root is not None:
+            _save_head_state(Path(checkpoint_root) / str(epoch), weight, optimizer, generator, snapshots, history)
     history = pd.DataFrame(history)
     return snapshots[selected_epoch(history) - 1], history
+
+
+def _save_head_state(folder: Path, weight, optimizer, generator, snapshots, history) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "weight": weight.detach(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "snapshots": snapshots,
+        "history": history,
+    }
+    torch.save(state, folder / HEAD_STATE)
+    checkpoints.mark_complete(folder)
+    previous = folder.parent / str(int(folder.name) - 1)
+    checkpoints.remove(previous)  # one complete checkpoint is enough
 
 
 def selected_epoch(history: pd.DataFrame) -> int:
@@ -141,14 +170,57 @@ class RewardModel:
     @torch.no_grad()
     def hidden(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
         """Standardised final-token states of each (prompt, response); a prompt is a string or messages."""
+        return self.hidden_encoded(self.encode(prompts, responses), batch_size)
+
+    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
+        """Rewards of (prompt, response) pairs from raw text."""
+        return self.score_hidden(self.hidden(prompts, responses, batch_size)).numpy()
+
+    def encode(self, prompts: list, responses: list[str]) -> list[activations.Encoded]:
+        """Chat-templated, left-truncated token ids of each (prompt, response), as `hidden` reads them."""
         if len(prompts) != len(responses):
             raise SarmError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self._backbone is None:
             self.load_backbone(self.device)
         max_length = self.config["base_model"]["max_length"]
-        encoded = [
-            activations.encode(self._tokenizer, _messages(p), r, max_length) for p, r in zip(prompts, responses)
-        ]
+        return [activations.encode(self._tokenizer, _messages(p), r, max_length) for p, r in zip(prompts, responses)]
+
+    def encode_texts(self, texts: list[str]) -> list[activations.Encoded]:
+        """Token ids of conversations already rendered with the chat template (e.g. OpenRLHF's queries).
+
+        Trailing whitespace and trailing end-of-turn / EOS / pad tokens are dropped and one end-of-turn token
+        is put back, so the reward is read where `encode` reads it whether or not the text ends in it (and
+        however much padding follows): the chat-templated text of (prompt, response) scores as `score` does.
+        """
+        if self._backbone is None:
+            self.load_backbone(self.device)
+        end, trailing = self._end_of_turn()
+        max_length = self.config["base_model"]["max_length"]
+        out = []
+        for text in texts:
+            while True:
+                stripped = text.rstrip()
+                token = next((t for t in trailing if stripped.endswith(t)), None)
+                if token is None:
+                    break
+                text = stripped[: -len(token)]
+            out.append(activations.encode_text(self._tokenizer, text + end, max_length))
+        return out
+
+    def _end_of_turn(self) -> tuple[str, list[str]]:
+        """The token that closes an assistant turn in this chat template, and the tokens to strip at a text's end."""
+        if getattr(self, "_eot", None) is None:
+            rendered = activations.render(self._tokenizer, [{"role": "user", "content": "x"}], "y")
+            end = self._tokenizer.decode([self._tokenizer(rendered, add_special_tokens=False)["input_ids"][-1]])
+            specials = {end, self._tokenizer.eos_token, self._tokenizer.pad_token}
+            self._eot = end, sorted((t for t in specials if t), key=len, reverse=True)
+        return self._eot
+
+    @torch.no_grad()
+    def hidden_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> torch.Tensor:
+        """Standardised final-token states of already tokenised sequences, in length-sorted batches."""
+        if self._backbone is None:
+            self.load_backbone(self.device)
         out = torch.empty(len(encoded), self.config["hidden_size"])
         for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
             final, _ = activations.forward_batch(
@@ -157,9 +229,9 @@ class RewardModel:
             out[batch] = final
         return out
 
-    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
-        """Rewards of (prompt, response) pairs from raw text."""
-        return self.score_hidden(self.hidden(prompts, responses, batch_size)).numpy()
+    def score_texts(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
+        """Rewards of conversations already rendered with the chat template (see `encode_texts`)."""
+        return self.score_hidden(self.hidden_encoded(self.encode_texts(texts), batch_size)).numpy()
 
     # --- persistence ---
     def save_pretrained(self, path: str | Path) -> Path:
@@ -189,9 +261,11 @@ def _messages(prompt) -> list[dict]:
 
 
 def fit_reward_model(
-    features: str, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None
+    features: str, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None,
+    checkpoint_root: str | Path | None = None,
 ) -> tuple[RewardModel, pd.DataFrame]:
-    """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel."""
+    """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
+    with `checkpoint_root`, a run cut short resumes from its last epoch."""
     config = {
         "format": "sarm-reward-model",
         "version": 1,
@@ -212,9 +286,11 @@ def fit_reward_model(
         "training": {"mode": "frozen-backbone, cached features", **settings, "seed": seed},
     }
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
+    if checkpoint_root is not None:
+        checkpoint_root = checkpoints.open_root(checkpoint_root, {**config, "train": train.meta, "val": val.meta})
     weight, history = train_head(
         shell.features(train.final()), shell.features(val.final()),
-        settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log,
+        settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log, checkpoint_root,
     )
     best = history.loc[selected_epoch(history) - 1]
     config["training"]["selected_epoch"] = int(best["epoch"])

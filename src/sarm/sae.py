@@ -13,6 +13,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sarm import checkpoints
 from sarm.errors import SarmError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def shuffled_batches(shards: Callable[[], Iterable[torch.Tensor]], batch_size: i
                 yield from _drain(buffer, batch_size, generator)
         if n_seen == 0:
             raise SarmError("the SAE corpus is empty: no sentence-final activations were cached")
-        yield from _drain(buffer, batch_size, generator)
+        if buffer:
+            yield from _drain(buffer, batch_size, generator)
 
 
 def _drain(buffer: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -73,9 +75,15 @@ def train_sae(
     buffer_size: int = 65536,
     log_to_wandb: bool = False,
     metadata: dict | None = None,
+    checkpoint_root: str | Path | None = None,
+    n_checkpoints: int = 0,
 ) -> TopKTrainingSAE:
     """Train a TopK SAE (Gao et al. 2024) with sae-lens' SAETrainer; `shards` is a callable returning an
-    iterable of [n, d_in] float tensors (one epoch of the corpus)."""
+    iterable of [n, d_in] float tensors (one epoch of the corpus).
+
+    With `checkpoint_root`, `n_checkpoints` evenly spaced checkpoints are kept there, and a run that finds
+    one resumes from it: weights, optimiser, dead-latent counters and the data stream's position, so it
+    ends exactly where an uninterrupted run would."""
     check_shape(d_sae, k)
     torch.manual_seed(seed)
     cfg = TopKTrainingSAEConfig(
@@ -88,10 +96,14 @@ def train_sae(
     )
     for key, value in (metadata or {}).items():
         setattr(cfg.metadata, key, value)
-    sae = TopKTrainingSAE(cfg)
-    # b_pre starts at the corpus mean: standardised states share a large common direction (70 % of the
-    # squared norm for SmolLM2 at L=15), and a zero start spends the first steps learning it.
-    sae.b_dec.data = corpus_mean(shards, buffer_size).to(sae.b_dec)
+    resume_from = checkpoints.latest(checkpoint_root)
+    if resume_from is not None:
+        sae = TopKTrainingSAE.load_from_disk(resume_from, device=device)
+    else:
+        sae = TopKTrainingSAE(cfg)
+        # b_pre starts at the corpus mean: standardised states share a large common direction (70 % of the
+        # squared norm for SmolLM2 at L=15), and a zero start spends the first steps learning it.
+        sae.b_dec.data = corpus_mean(shards, buffer_size).to(sae.b_dec)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_samples,
         train_batch_size_samples=batch_size,
@@ -103,9 +115,32 @@ def train_sae(
         dead_feature_window=max(1, min(1000, total_samples // batch_size // 4)),
         feature_sampling_window=max(1, min(2000, total_samples // batch_size)),
         logger=LoggingConfig(log_to_wandb=log_to_wandb, log_weights_to_wandb=False),
+        checkpoint_path=str(checkpoint_root) if checkpoint_root else None,
+        n_checkpoints=n_checkpoints if checkpoint_root else 0,
     )
-    provider = shuffled_batches(shards, batch_size, buffer_size, seed)
-    return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider).fit()
+    trainer = SAETrainer(
+        cfg=trainer_cfg,
+        sae=sae,
+        data_provider=iter(()),
+        save_checkpoint_fn=lambda checkpoint_path: checkpoint_path and checkpoints.mark_complete(checkpoint_path),
+    )
+    steps_done = 0
+    if resume_from is not None:
+        trainer.load_trainer_state(resume_from)
+        # sae-lens saves before it counts the step just taken
+        steps_done = trainer.n_training_steps = trainer.n_training_steps + 1
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+        log.info("resuming SAE training from %s (%d samples, %d steps done)", resume_from, trainer.n_training_samples, steps_done)
+    trainer.data_provider = _stream(shards, batch_size, buffer_size, seed, steps_done)
+    return trainer.fit()
+
+
+def _stream(shards, batch_size: int, buffer_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
+    """The seeded batch stream from batch `skip` on, with the fault-injection point at every batch."""
+    for step, batch in enumerate(shuffled_batches(shards, batch_size, buffer_size, seed)):
+        if step >= skip:
+            checkpoints.fault_point("sae", step)
+            yield batch
 
 
 def corpus_mean(shards, max_vectors: int) -> torch.Tensor:
@@ -186,9 +221,11 @@ def warn_if_useless(metrics: dict, name: str) -> None:
         )
 
 
-def prepare_sae(settings: dict, train, val, device: str, seed: int, metadata: dict, log_to_wandb: bool = False):
-    """The SAE stage: train on `train`'s sentence-final corpus (an ActivationCache), or load the pretrained
-    one named in `settings`; measure it on `val`'s held-out sentence-final and final-token states."""
+def prepare_sae(
+    settings: dict, train, device: str, seed: int, metadata: dict, log_to_wandb: bool = False, checkpoint_root=None
+):
+    """The SAE stage: train on `train`'s sentence-final corpus (an ActivationCache), resuming from
+    `checkpoint_root` when a run was cut short, or load the pretrained one named in `settings`."""
     import time
 
     d_in = train.hidden_size
@@ -207,9 +244,13 @@ def prepare_sae(settings: dict, train, val, device: str, seed: int, metadata: di
             yield from train.sentence_shards()
             yield from extra
 
+        if checkpoint_root is not None:
+            shaping = {key: value for key, value in settings.items() if key != "n_checkpoints"}
+            checkpoint_root = checkpoints.open_root(checkpoint_root, {"sae": shaping, "seed": seed, "corpus": train.meta})
         sae = train_sae(
             corpus, d_in, width, k, settings["training_samples"], settings["batch_size"], settings["lr"],
             device, seed, log_to_wandb=log_to_wandb, metadata=metadata,
+            checkpoint_root=checkpoint_root, n_checkpoints=settings["n_checkpoints"],
         )
         source = {"trained": {key: settings[key] for key in ("training_samples", "batch_size", "lr", "include_final_token")}}
     seconds = time.perf_counter() - start

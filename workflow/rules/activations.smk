@@ -13,9 +13,9 @@ rule cache_activations:
         with_sentences=with_sentences,
     threads: 8
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=gpus(),
+        mem_mb=mem_mb_for("cache_activations"),
+        runtime=runtime_for("cache_activations"),
+        gpu=gpus_for("cache_activations"),
     log:
         "logs/cache_activations/{table}.log",
     benchmark:

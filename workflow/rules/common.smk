@@ -1,4 +1,5 @@
 # Config validation, names and input functions: the logic of the DAG.
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
@@ -64,7 +65,37 @@ def get_final_output():
         *expand(f"{RESULTS}/tables/accuracy_{{table}}.{{ext}}", table=EVAL_TABLES, ext=["md", "csv"]),
         *expand(f"{RESULTS}/tables/sae_metrics.{{ext}}", ext=["md", "csv"]),
         f"{RESULTS}/figures/accuracy.png",
+        f"{RESULTS}/provenance.json",
+        *bon_outputs(),
+        *explain_outputs(),
     ]
+
+
+def bon_outputs():
+    """Best-of-N tables and curve, when config key bon.path names a best-of-N file."""
+    if not config["bon"]["path"]:
+        return []
+    return [
+        *expand(f"{RESULTS}/tables/bon_{{name}}.{{ext}}", name=["winrate", "curve"], ext=["md", "csv"]),
+        f"{RESULTS}/figures/bon_curve.png",
+    ]
+
+
+def bon_file(wildcards):
+    if not config["bon"]["path"]:
+        raise WorkflowError("config key bon.path: give a best-of-N file to run the best-of-N rules")
+    return config["bon"]["path"]
+
+
+def bon_reference(wildcards):
+    """The published best-of-N results (config key bon.reference, a folder), when given."""
+    folder = config["bon"]["reference"]
+    if not folder:
+        return {}
+    files = {"results": f"{folder}/bon_eval_results.json"}
+    if os.path.exists(f"{folder}/merged_leaderboard.csv"):
+        files["leaderboard"] = f"{folder}/merged_leaderboard.csv"
+    return files
 
 
 def dataset_spec(wildcards):
@@ -87,5 +118,45 @@ def with_sentences(wildcards):
     return wildcards.table in ("train", "val")
 
 
+def sae_settings():
+    """The SAE's settings that shape its result (checkpointing does not: changing it re-runs nothing)."""
+    return {key: value for key, value in config["sae"].items() if key != "n_checkpoints"}
+
+
 def gpus():
     return 1 if USES_GPU else 0
+
+
+# --- Cluster resources, computed from the experiment (the model and its numbers: src/sarm/cluster.py) ---
+from sarm import cluster as _cluster
+
+MODEL_SHAPE = _cluster.model_shape(config, [MODEL_DIR])  # config.json once fetched, else cluster.model_shape
+
+
+def _estimate(rule, wildcards, attempt):
+    table = wildcards.get("table", "bon" if rule == "cache_bon" else None)
+    # the rule's own threads, as a cluster job gets them (--cores caps them locally and in dry runs)
+    threads = workflow.get_rule(rule).resources["_cores"]
+    threads = getattr(threads, "value", threads)  # a Snakemake Resource wrapping the int
+    threads = threads if isinstance(threads, int) else 1
+    return _cluster.estimate(rule, config, MODEL_SHAPE, table, wildcards.get("rm"), attempt, threads)
+
+
+def mem_mb_for(rule):
+    """Host memory of a job of `rule`: weights of layers 1..L, batch x max_length, data; x attempt."""
+    return lambda wildcards, attempt: _estimate(rule, wildcards, attempt)["mem_mb"]
+
+
+def runtime_for(rule):
+    """Minutes of a job of `rule` from its FLOPs (model x tokens, SAE x samples) at the rule's threads;
+    x attempt, so a job killed at its time limit comes back (--retries) with more."""
+    return lambda wildcards, attempt: _estimate(rule, wildcards, attempt)["runtime"]
+
+
+def gpus_for(rule):
+    """GPUs of a job of `rule`: 1 on the GPU rules unless device is cpu (all of them are single-GPU today)."""
+    return 1 if _cluster.uses_gpu(rule, config) else 0
+
+
+onstart:
+    _cluster.check_submission(workflow)

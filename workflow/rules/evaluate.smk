@@ -10,6 +10,9 @@ rule evaluate:
         scores=f"{RESULTS}/eval/{{rm}}/{{table}}/scores.parquet",
         summary=f"{RESULTS}/eval/{{rm}}/{{table}}/summary.json",
     threads: 2
+    resources:
+        mem_mb=mem_mb_for("evaluate"),
+        runtime=runtime_for("evaluate"),
     log:
         "logs/evaluate/{rm}/{table}.log",
     script:

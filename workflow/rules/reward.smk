@@ -14,8 +14,8 @@ rule train_reward:
         seed=config["seed"],
     threads: 4
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb_for("train_reward"),
+        runtime=runtime_for("train_reward"),
     log:
         "logs/train_reward/{rm}.log",
     benchmark:

@@ -9,16 +9,16 @@ rule sae:
         model=directory(f"{RESULTS}/sae/{SAE}/model"),
         metrics=f"{RESULTS}/sae/{SAE}/metrics.json",
     params:
-        sae=config["sae"],
+        sae=sae_settings(),
         device=config["device"],
         seed=config["seed"],
         layer=LAYER,
         model=MODEL,
     threads: 8
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=gpus(),
+        mem_mb=mem_mb_for("sae"),
+        runtime=runtime_for("sae"),
+        gpu=gpus_for("sae"),  # sae-lens trains on one device
     log:
         f"logs/sae/{SAE}.log",
     benchmark:

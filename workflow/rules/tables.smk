@@ -24,3 +24,15 @@ rule tables:
         "logs/tables.log",
     script:
         "../scripts/tables.py"
+
+
+rule provenance:
+    input:
+        model=MODEL_DIR,
+        tables=rules.tables.output,
+    output:
+        f"{RESULTS}/provenance.json",
+    log:
+        "logs/provenance.log",
+    script:
+        "../scripts/provenance.py"

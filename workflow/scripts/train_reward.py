@@ -1,5 +1,6 @@
 import logging
 
+from sarm import checkpoints
 from sarm.activations import ActivationCache
 from sarm.reward import fit_reward_model
 from sarm.sae import load_sae
@@ -11,12 +12,14 @@ def main(snakemake):
     p, rm = snakemake.params, snakemake.wildcards.rm
     sae = load_sae(snakemake.input.sae) if p.features == "sae" else None
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
+    resume_root = f"{snakemake.output[0]}.checkpoints"  # kept by Snakemake when the job dies
     with wandb_run(snakemake.config, "train_reward", rm, {"features": p.features, **p.reward}) as run:
         model, history = fit_reward_model(
             p.features, train, val, snakemake.input.model, p.model, p.reward, sae, p.seed,
-            log=run.log if run is not None else None,
+            log=run.log if run is not None else None, checkpoint_root=resume_root,
         )
     model.save_pretrained(snakemake.output[0])
+    checkpoints.remove(resume_root)
     history.to_csv(f"{snakemake.output[0]}/history.csv", index=False)
     logging.info("%s: selected epoch %s, val accuracy %.3f", rm, model.config["training"]["selected_epoch"], model.config["training"]["val_accuracy"])
 

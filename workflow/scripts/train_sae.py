@@ -1,7 +1,7 @@
 import json
 import logging
 
-from sarm import models
+from sarm import checkpoints, models
 from sarm.activations import ActivationCache
 from sarm.sae import load_sae, measure, prepare_sae, save_sae
 from sarm.tracking import wandb_run
@@ -14,8 +14,11 @@ def main(snakemake):
     device = models.resolve_device(p.device)
     metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
     with wandb_run(snakemake.config, "sae", f"sae-{p.model}-L{p.layer}", dict(p.sae)) as run:
-        sae, source, seconds = prepare_sae(p.sae, train, val, device, p.seed, metadata, log_to_wandb=run is not None)
+        resume_root = f"{snakemake.output.model}.checkpoints"  # kept by Snakemake when the job dies
+        settings = {**p.sae, "n_checkpoints": snakemake.config["sae"]["n_checkpoints"]}
+        sae, source, seconds = prepare_sae(settings, train, device, p.seed, metadata, run is not None, resume_root)
         save_sae(sae, snakemake.output.model)
+        checkpoints.remove(resume_root)
         saved = load_sae(snakemake.output.model)  # measure what later rules will load
         metrics = {
             "width": saved.cfg.d_sae,

@@ -1,0 +1,265 @@
+"""Running at scale without a cluster: the SLURM profile's dry runs, the resources each job asks for (the
+embedded default and the 8B paper config), the sbatch line the SLURM plugin builds, placeholders left in the
+profile, retries with more time, multi-GPU launch commands, and wandb offline runs of a training rule."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from test_workflow import REPO, SECRET, snakemake, tiny_config
+
+from sarm import cluster
+from sarm.tracking import read_offline_run
+
+SLURM = ["--workflow-profile", str(REPO / "profiles/slurm")]
+
+
+def repo_config(name: str, shared_data: Path) -> dict:
+    """A config of the repository, with its ../shared/data paths made absolute (tests run elsewhere)."""
+
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and value.startswith("../shared/data"):
+            return str(shared_data / value.removeprefix("../shared/data/"))
+        return value
+
+    return fix(yaml.safe_load((REPO / name).read_text()))
+
+
+def planned_jobs(output: str) -> list[dict]:
+    """(rule, wildcards, resources, local) of every job a Snakemake dry run prints."""
+    jobs = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
+        head = re.search(r"^(local)?rule (\w+):", block, re.M)
+        if not head:
+            continue
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.M))
+
+        def pairs(text):
+            return dict(kv.split("=", 1) for kv in text.split(", ")) if text else {}
+
+        resources = {k: int(v) if v.isdigit() else v for k, v in pairs(fields.get("resources", "")).items()}
+        jobs.append({"rule": head.group(2), "local": bool(head.group(1)), "wildcards": pairs(fields.get("wildcards", "")), "resources": resources})
+    return jobs
+
+
+def job(jobs: list[dict], rule: str, **wildcards) -> dict:
+    (found,) = [j for j in jobs if j["rule"] == rule and all(j["wildcards"].get(k) == v for k, v in wildcards.items())]
+    return found["resources"]
+
+
+@pytest.fixture(scope="module")
+def paper_plan(shared_data, tmp_path_factory):
+    result = snakemake(tmp_path_factory.mktemp("paper"), repo_config("config/paper/sarm-4b.yaml", shared_data), "-n", *SLURM)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return planned_jobs(result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="module")
+def default_plan(shared_data, tmp_path_factory):
+    result = snakemake(tmp_path_factory.mktemp("default"), repo_config("config/config.yaml", shared_data), "-n", *SLURM)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return planned_jobs(result.stdout + result.stderr)
+
+
+def test_paper_config_asks_for_what_an_8b_model_at_layer_16_needs(paper_plan, shared_data):
+    config = repo_config("config/paper/sarm-4b.yaml", shared_data)
+    train = job(paper_plan, "cache_activations", table="train")
+    # bf16 weights of embeddings + layers 1..16 (~4B parameters, 8 GB) reach host memory once while loading
+    assert train["gpu"] == 1 and 12_000 <= train["mem_mb"] <= 20_000
+    # ~73k pairs x 2 x 1,024 planned tokens x 2 x 4B FLOPs at 100 TFLOP/s, doubled: hours, not minutes
+    assert 240 <= train["runtime"] <= 600
+    assert job(paper_plan, "cache_activations", table="reward-bench")["runtime"] < train["runtime"] / 5
+    sae = job(paper_plan, "sae")
+    assert sae["gpu"] == 1 and sae["mem_mb"] >= 10_000
+    # the SARM head reads 65,536 dense latents of ~154k sequences: tens of GB, on the CPU
+    sarm, dense = job(paper_plan, "train_reward", rm="sarm"), job(paper_plan, "train_reward", rm="dense")
+    assert sarm["mem_mb"] >= 50_000 and dense["mem_mb"] < sarm["mem_mb"] / 4 and "gpu" not in sarm
+    # the dry run asks exactly what sarm.cluster computes
+    shape = cluster.model_shape(config)
+    assert shape.source == "config key cluster.model_shape" and shape.loaded_b == pytest.approx(4.015)
+    assert sae["mem_mb"] == cluster.estimate("sae", config | {"resources_dir": "none"}, shape)["mem_mb"]
+    for rule in ("fetch_model", "fetch_dataset"):
+        assert all("gpu" not in j["resources"] for j in paper_plan if j["rule"] == rule), rule
+    assert all(j["resources"]["slurm_account"] == "CHANGE-ME" for j in paper_plan if j["rule"] == "sae")
+
+
+LOCAL_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=Path(sys.argv[1]) / "Snakefile",
+                      config_settings=ConfigSettings(configfiles=[Path(sys.argv[2])]), workdir=Path(sys.argv[3]))
+    print(json.dumps(sorted(wf._workflow._localrules)))
+"""
+
+
+def test_fetch_rules_run_on_the_login_node(tmp_path):
+    """Compute nodes often have no internet: the fetch rules are local rules, and only they."""
+    config = REPO / "config/paper/sarm-4b.yaml"
+    result = subprocess.run([sys.executable, "-c", LOCAL_RULES, str(REPO), str(config), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == '["fetch_dataset", "fetch_model"]'
+
+
+def test_default_config_stays_small_under_the_slurm_profile(default_plan, paper_plan):
+    for rule, kwargs in [("cache_activations", {"table": "train"}), ("sae", {}), ("train_reward", {"rm": "sarm"})]:
+        small, big = job(default_plan, rule, **kwargs), job(paper_plan, rule, **kwargs)
+        assert small["mem_mb"] <= 8000 and small["runtime"] <= 60, (rule, small)
+        assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > small["runtime"], rule
+    assert job(default_plan, "cache_activations", table="train")["gpu"] == 1  # device: auto asks for one
+    assert job(default_plan, "eval_table", table="rb-like")["mem_mb"] == 4000  # the profile's default
+
+
+def test_default_local_profile_dry_run_and_cpu_config(shared_data, tmp_path):
+    config = repo_config("config/config.yaml", shared_data) | {"device": "cpu"}
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    cache = job(jobs, "cache_activations", table="train")
+    assert cache["gpu"] == 0 and cache["mem_mb"] <= 8000  # fits the 24 GiB, 2-core machine
+
+
+def test_retried_job_asks_for_more_memory_and_time():
+    config = yaml.safe_load((REPO / "config/paper/sarm-4b.yaml").read_text())
+    config["resources_dir"] = "none"
+    shape = cluster.model_shape(config)
+    first, second = (cluster.estimate("cache_activations", config, shape, "train", attempt=a) for a in (1, 2))
+    assert second["runtime"] == 2 * first["runtime"] and second["mem_mb"] == 2 * first["mem_mb"]
+    assert yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["retries"] >= 1
+
+
+def test_sbatch_line_of_the_sae_rule(paper_plan):
+    """The plugin's own submit-string builder, fed the SAE job's planned resources."""
+    submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    resources = job(paper_plan, "sae")
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    fake = SimpleNamespace(resources=Resources(resources), threads=8, is_group=lambda: False)
+    params = {"run_uuid": "uuid", "slurm_logfile": "log/%j.log", "comment_str": "rule_sae", "account": " -A myacct",
+              "partition": " -p gpu", "workdir": "/w"}
+    line = submit.get_submit_command(fake, params) + set_gres_string(fake)
+    assert f"--mem {resources['mem_mb']}" in line and f"-t {resources['runtime']}" in line
+    assert "--gpus=1" in line and "--cpus-per-task=8" in line and "-A myacct" in line and "-p gpu" in line
+    fake.resources["gpu_model"] = "a100"
+    assert set_gres_string(fake) == " --gpus=a100:1"
+
+
+def test_profile_left_with_change_me_stops_before_submitting(tiny_model_dir, shared_data, tmp_path):
+    """A real (not dry) run under the SLURM profile: the placeholder account stops it before any sbatch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.calls"
+    for tool in ("sbatch", "squeue", "sacct", "sinfo", "scontrol", "sacctmgr", "sshare", "scancel"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {log}\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    config = tiny_config(tiny_model_dir, shared_data)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    env_path = f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), *SLURM, "results/sae/tiny-L2/metrics.json",
+               "--allowed-rules", "sae"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    for table in ("train", "val"):
+        (workdir / f"results/activations/tiny-L2/{table}").mkdir(parents=True)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={"PATH": env_path, "HOME": str(tmp_path)})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "profiles/slurm/config.yaml: slurm_account is still the placeholder 'CHANGE-ME' (rule sae)" in out
+    assert not log.exists() or "sbatch" not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "gpus, expected",
+    [
+        (1, f"{sys.executable} -m sarm.finetune --config c.yaml"),
+        (4, "accelerate launch --num_machines 1 --num_processes 4 --main_process_port 29500 --mixed_precision bf16 "
+            "--multi_gpu -m sarm.finetune --config c.yaml"),
+    ],
+)
+def test_launch_command(gpus, expected):
+    assert cluster.launch_command("sarm.finetune", ["--config", "c.yaml"], gpus, main_process_port=29500) == expected
+
+
+def test_launch_command_with_deepspeed_and_a_port_from_the_slurm_job(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    command = cluster.launch_command("m", [], 8, deepspeed_config="zero3.json")
+    assert "--num_processes 8 --main_process_port 29956" in command
+    assert "--use_deepspeed --deepspeed_config_file zero3.json" in command and "--multi_gpu" not in command
+
+
+def test_wandb_offline_run_of_a_retried_training_rule(tiny_model_dir, shared_data, trained, tmp_path, monkeypatch):
+    """WANDB_MODE=offline turns wandb on for the tiny config's dense head (the rule alone, on the `trained`
+    fixture's caches); the job is killed once (SIGKILL at epoch 2) and retried: attempt 2 asks for twice the
+    time and memory, resumes from its checkpoint, and logs to the same wandb run id; the run holds the rule's
+    config keys and one metrics row per epoch."""
+    config = tiny_config(tiny_model_dir, shared_data)
+    root = trained[0]
+    shutil.copytree(tiny_model_dir, tmp_path / "w/resources/models/tiny")
+    for table in ("train", "val"):
+        shutil.copytree(root / table, tmp_path / f"w/results/activations/tiny-L2/{table}")
+    for key, value in {"WANDB_MODE": "offline", "SARM_KILL_AT": "head:2", "SARM_KILL_ONCE": str(tmp_path / "killed")}.items():
+        monkeypatch.setenv(key, value)
+    result = snakemake(tmp_path / "w", config, "results/reward/dense", "--retries", "1", "--allowed-rules", "train_reward")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert (tmp_path / "killed").exists()
+    attempts = [j["resources"] for j in planned_jobs(out) if j["rule"] == "train_reward"]
+    assert len(attempts) == 2, attempts
+    assert attempts[1]["runtime"] == 2 * attempts[0]["runtime"] and attempts[1]["mem_mb"] == 2 * attempts[0]["mem_mb"]
+
+    runs = [read_offline_run(f) for f in sorted((tmp_path / "w/wandb").glob("offline-run-*"))]
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # the retry resumed the killed attempt's run
+    run = runs[-1]
+    assert (run["group"], run["job_type"], run["name"]) == ("smoke", "train_reward", "dense")
+    assert {"features", "epochs", "lr", "batch_size", "weight_decay", "experiment", "model_name", "layer"} <= set(run["config"])
+    assert run["config"]["features"] == "hidden" and run["config"]["layer"] == 2 and run["config"]["epochs"] == 4
+    rows = [row for row in run["history"] if "val_accuracy" in row]
+    assert 1 <= len(rows) <= config["reward"]["epochs"] and all(0 <= row["val_accuracy"] <= 1 for row in rows)
+    leaks = [p for p in (tmp_path / "w/wandb").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_model_shape_from_config_json_counts_the_loaded_layers(tiny_model_dir):
+    import torch
+
+    from sarm import models
+
+    shape = cluster.model_shape({"model": {"path": str(tiny_model_dir), "layer": 2}})
+    loaded = sum(p.numel() for p in models.load_truncated(tiny_model_dir, 2, torch.float32).parameters())
+    assert shape.loaded_b * 1e9 == pytest.approx(loaded, rel=0.01)  # norms are left out of the estimate
+    assert shape.hidden_size == 64 and shape.num_hidden_layers == 4
+
+
+def test_wandb_mode_from_the_environment_and_stable_run_ids(monkeypatch):
+    from sarm.tracking import run_id, wandb_mode
+
+    config = {"experiment": "e", "wandb": {"mode": "disabled"}}
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(config) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(config) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's older spelling
+    assert wandb_mode(config) == "offline"
+    first = run_id(config, "train_reward", "sarm", {"lr": 0.01})
+    assert first == run_id(config, "train_reward", "sarm", {"lr": 0.01})  # a retry continues the run
+    assert first != run_id(config, "train_reward", "sarm", {"lr": 0.02})  # a new setting starts another
+    assert first != run_id(config | {"experiment": "f"}, "train_reward", "sarm", {"lr": 0.01})
+    assert first != run_id(config, "train_reward", "dense", {"lr": 0.01})

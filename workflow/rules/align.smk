@@ -1,0 +1,76 @@
+# Best-of-N, judged offline: the candidates of a best-of-N file are cached once, scored by every trained
+# reward model from that one cache, and each model's pick is judged by the file's win probabilities.
+
+
+if "bon" in EVAL_TABLES:
+    raise WorkflowError("config key eval.datasets: 'bon' is reserved for the best-of-N candidates")
+
+
+rule bon_candidates:
+    input:
+        bon_file,
+    output:
+        f"{RESOURCES}/bon/candidates.parquet",
+    params:
+        max_prompts=config["bon"]["max_prompts"],
+        seed=config["seed"],
+    log:
+        "logs/bon/candidates.log",
+    script:
+        "../scripts/bon_candidates.py"
+
+
+rule cache_bon:
+    input:
+        model=MODEL_DIR,
+        candidates=f"{RESOURCES}/bon/candidates.parquet",
+    output:
+        directory(f"{ACT}/bon"),
+    params:
+        model=config["model"],
+        device=config["device"],
+    threads: 8
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=gpus(),
+    log:
+        "logs/cache_activations/bon.log",
+    benchmark:
+        "logs/benchmarks/cache_activations/bon.tsv"
+    script:
+        "../scripts/cache_bon.py"
+
+
+rule bon_scores:
+    input:
+        models=expand(f"{RESULTS}/reward/{{rm}}", rm=TRAINED_MODELS),
+        activations=f"{ACT}/bon",
+        candidates=f"{RESOURCES}/bon/candidates.parquet",
+    output:
+        f"{RESULTS}/bon/scores.parquet",
+    params:
+        models=list(TRAINED_MODELS),
+    threads: 2
+    log:
+        "logs/bon/scores.log",
+    script:
+        "../scripts/bon_scores.py"
+
+
+rule bon_report:
+    input:
+        unpack(bon_reference),
+        scores=f"{RESULTS}/bon/scores.parquet",
+    output:
+        winrate=expand(f"{RESULTS}/tables/bon_winrate.{{ext}}", ext=["md", "csv"]),
+        curve=expand(f"{RESULTS}/tables/bon_curve.{{ext}}", ext=["md", "csv"]),
+        figure=report(f"{RESULTS}/figures/bon_curve.png", caption="../report/bon.rst", category="Best-of-N"),
+    params:
+        models=list(TRAINED_MODELS),
+        draws=config["bon"]["curve_draws"],
+        seed=config["seed"],
+    log:
+        "logs/bon/report.log",
+    script:
+        "../scripts/bon_report.py"

@@ -1,0 +1,121 @@
+# Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels) and
+# the preference shift of the SARM head, all from cached activations.
+EXPLAIN = f"{RESULTS}/explain/sarm"
+SHIFT = f"{RESULTS}/shift/sarm"
+# The evaluation table the cards' firing rates and the shift's target come from (default: the first eval set).
+EXPLAIN_TABLE = config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
+SHIFT_TABLE = config["shift"]["table"] or EXPLAIN_TABLE
+SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or config["shift"]["features"])
+
+
+def explain_outputs():
+    outputs = [
+        *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
+        f"{EXPLAIN}/cards.html",
+    ]
+    if SHIFT_ON:
+        outputs += [
+            *expand(f"{RESULTS}/tables/preference_shift{{part}}.{{ext}}", part=["", "_features"], ext=["md", "csv"]),
+            f"{RESULTS}/figures/preference_shift.png",
+        ]
+    return outputs
+
+
+rule attributions:
+    input:
+        model=f"{RESULTS}/reward/sarm",
+        activations=f"{ACT}/{{table}}",
+        pairs=f"{RESOURCES}/tables/{{table}}.parquet",
+    output:
+        f"{EXPLAIN}/attributions/{{table}}.parquet",
+    log:
+        "logs/explain/attributions/{table}.log",
+    script:
+        "../scripts/attributions.py"
+
+
+rule feature_stats:
+    input:
+        model=f"{RESULTS}/reward/sarm",
+        base_model=MODEL_DIR,
+        activations=f"{ACT}/{EXPLAIN_TABLE}",
+        pairs=f"{RESOURCES}/tables/{EXPLAIN_TABLE}.parquet",
+        corpus=f"{ACT}/train",
+        corpus_pairs=f"{RESOURCES}/tables/train.parquet",
+    output:
+        f"{EXPLAIN}/features.json",
+    params:
+        explain=config["explain"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        "logs/explain/feature_stats.log",
+    benchmark:
+        "logs/benchmarks/explain/feature_stats.tsv"
+    script:
+        "../scripts/feature_stats.py"
+
+
+rule label_features:
+    input:
+        features=f"{EXPLAIN}/features.json",
+        base_model=MODEL_DIR,
+    output:
+        f"{EXPLAIN}/labels.json",
+    params:
+        labels=config["explain"]["labels"],
+        device=config["device"],
+        chat_template=config["model"]["chat_template"],
+        # kept across re-runs (not an output, so Snakemake does not delete it): a re-run does not ask again
+        cache=config["explain"]["labels"]["cache"] or f"{RESULTS}/explain/label_cache.json",
+    threads: 2
+    resources:
+        gpu=gpus(),
+    log:
+        "logs/explain/label_features.log",
+    benchmark:
+        "logs/benchmarks/explain/label_features.tsv"
+    script:
+        "../scripts/label_features.py"
+
+
+rule feature_cards:
+    input:
+        features=f"{EXPLAIN}/features.json",
+        labels=f"{EXPLAIN}/labels.json",
+    output:
+        report(f"{EXPLAIN}/cards.html", caption="../report/feature_cards.rst", category="Interpretability"),
+    params:
+        title=f"SARM feature cards: {MODEL} layer {LAYER}, {EXPLAIN_TABLE}",
+        n_show=config["explain"]["n_show"],
+    log:
+        "logs/explain/feature_cards.log",
+    script:
+        "../scripts/feature_cards.py"
+
+
+rule preference_shift:
+    input:
+        model=f"{RESULTS}/reward/sarm",
+        activations=expand(f"{ACT}/{{table}}", table=EVAL_TABLES),
+        pairs=expand(f"{RESOURCES}/tables/{{table}}.parquet", table=EVAL_TABLES),
+    output:
+        model=directory(f"{SHIFT}/model"),
+        table=expand(f"{RESULTS}/tables/preference_shift.{{ext}}", ext=["md", "csv"]),
+        features=expand(f"{RESULTS}/tables/preference_shift_features.{{ext}}", ext=["md", "csv"]),
+        responses=f"{SHIFT}/responses.parquet",
+        figure=report(
+            f"{RESULTS}/figures/preference_shift.png",
+            caption="../report/preference_shift.rst",
+            category="Interpretability",
+        ),
+    params:
+        shift=config["shift"],
+        tables=EVAL_TABLES,
+        target_table=SHIFT_TABLE,
+    threads: 2
+    log:
+        "logs/explain/preference_shift.log",
+    script:
+        "../scripts/preference_shift.py"

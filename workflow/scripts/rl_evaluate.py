@@ -1,0 +1,21 @@
+import pandas as pd
+
+from sarm import models
+from sarm.reward import RewardModel
+from sarm.rl import evaluate_policies
+from sarm.workflow import run_script
+
+
+def main(snakemake):
+    p = snakemake.params
+    device = models.resolve_device(p.device)
+    judges = {name: RewardModel.from_pretrained(path, device=device) for name, path in zip(p.judges, snakemake.input.judges)}
+    policies = {"initial": p.initial, "trained": snakemake.input.trained}
+    completions, contributions = evaluate_policies(
+        policies, pd.read_parquet(snakemake.input.prompts), judges, p.audited, p.max_new_tokens, p.batch_size, device
+    )
+    completions.to_parquet(snakemake.output.completions, index=False)
+    contributions.to_parquet(snakemake.output.contributions, index=False)
+
+
+run_script(snakemake, main)
