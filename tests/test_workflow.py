@@ -40,7 +40,7 @@ def tiny_config(tiny_model_dir: Path, shared_data: Path) -> dict:
 SECRET = "sk-test-7c1e55d0-do-not-log"
 
 
-def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
@@ -48,7 +48,7 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600) -> su
         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
     ]
     # Secrets in the environment, as on a real cluster: they must never reach a log or an output.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": SECRET, "OPENAI_API_KEY": SECRET}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": SECRET, "OPENAI_API_KEY": SECRET, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -154,6 +154,19 @@ def test_explain_stage_writes_attributions_cards_and_the_shift(smoke_run):
     assert shift["set"].iloc[0] == "target set" and (shift["mean_shift_not_firing"] == 0).all()
     assert {"chat", "chat_hard", "safety", "reasoning", "overall"} <= set(shift["set"]) and set(shift["table"]) == {"val", "rb-like"}
     assert (results / "shift/sarm/model/reward_model.json").exists() and (results / "figures/preference_shift.png").stat().st_size > 10_000
+
+
+def test_sae_killed_mid_training_resumes_under_rerun_incomplete(smoke_run, tiny_model_dir, shared_data, tmp_path):
+    config, target = tiny_config(tiny_model_dir, shared_data), "results/sae/tiny-L2/model"
+    killed = snakemake(tmp_path, config, target, env={"SARM_KILL_AT": "sae:20"})
+    assert killed.returncode != 0 and not (tmp_path / target).exists()
+    assert any((tmp_path / f"{target}.checkpoints").glob("*/COMPLETE"))
+    resumed = snakemake(tmp_path, config, target, "--rerun-incomplete")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming SAE training from" in (tmp_path / "logs/sae/tiny-L2.log").read_text()
+    weights = "results/sae/tiny-L2/model/sae_weights.safetensors"
+    assert (tmp_path / weights).read_bytes() == (smoke_run / weights).read_bytes()  # as if never killed
+    assert not (tmp_path / f"{target}.checkpoints").exists()
 
 
 def test_second_run_has_nothing_to_do(smoke_run, tiny_model_dir, shared_data):
