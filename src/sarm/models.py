@@ -185,3 +185,14 @@ def load_truncated(
     else:
         raise SarmError(f"model at {path}: no final norm found among {FINAL_NORM_NAMES}; architecture unsupported")
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_backbone(spec: dict, path: str | Path, device: str = "auto"):
+    """Tokenizer and truncated model for a config's `model:` section, with the device and the metadata
+    that cached activations record: (tokenizer, model, device, meta)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(spec["dtype"], device)
+    tokenizer = load_tokenizer(path, spec.get("chat_template"), spec.get("trust_remote_code", False))
+    model = load_truncated(path, spec["layer"], dtype, device, spec.get("trust_remote_code", False))
+    meta = {"model": spec["name"], "layer": spec["layer"], "dtype": str(dtype).removeprefix("torch."), "device": device}
+    return tokenizer, model, device, meta

@@ -160,10 +160,7 @@ class RewardModel:
     # --- raw text, end to end ---
     def load_backbone(self, device: str = "cpu") -> None:
         base = self.config["base_model"]
-        self.device = models.resolve_device(device)
-        trust = base.get("trust_remote_code", False)
-        self._tokenizer = models.load_tokenizer(base["path"], base.get("chat_template"), trust)
-        self._backbone = models.load_truncated(base["path"], base["layer"], models.resolve_dtype(base["dtype"], self.device), self.device, trust)
+        self._tokenizer, self._backbone, self.device, _ = models.load_backbone(base, base["path"], device)
         if self.sae is not None:
             self.sae.to(self.device)
 

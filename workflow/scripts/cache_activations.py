@@ -1,27 +1,17 @@
 import logging
 
-from sarm import models
 from sarm.activations import cache_activations
 from sarm.data import read_pairs
+from sarm.models import load_backbone
 from sarm.workflow import run_script
 
 
 def main(snakemake):
-    spec, path = snakemake.params.model, snakemake.input.model
-    device = models.resolve_device(snakemake.params.device)
-    dtype = models.resolve_dtype(spec["dtype"], device)
-    tokenizer = models.load_tokenizer(path, spec["chat_template"], spec["trust_remote_code"])
-    model = models.load_truncated(path, spec["layer"], dtype, device, spec["trust_remote_code"])
+    spec = snakemake.params.model
+    tokenizer, model, device, meta = load_backbone(spec, snakemake.input.model, snakemake.params.device)
     info = cache_activations(
-        model,
-        tokenizer,
-        read_pairs(snakemake.input.pairs),
-        snakemake.output[0],
-        max_length=spec["max_length"],
-        batch_size=spec["batch_size"],
-        device=device,
-        with_sentences=snakemake.params.with_sentences,
-        meta={"model": spec["name"], "layer": spec["layer"], "dtype": str(dtype).removeprefix("torch."), "device": device},
+        model, tokenizer, read_pairs(snakemake.input.pairs), snakemake.output[0], spec["max_length"], spec["batch_size"],
+        device, with_sentences=snakemake.params.with_sentences, meta=meta,
     )
     logging.info("cached %s", info)
 
