@@ -52,12 +52,15 @@ def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600, env: 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tiny_model_dir, shared_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
+def whole_tiny_dag(workdir: Path, tiny_model_dir: Path, shared_data: Path) -> Path:
     result = snakemake(workdir, tiny_config(tiny_model_dir, shared_data))
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_model_dir, shared_data, tmp_path_factory):
+    return whole_tiny_dag(tmp_path_factory.mktemp("smoke"), tiny_model_dir, shared_data)
 
 
 def test_whole_dag_writes_the_tables(smoke_run):
@@ -109,10 +112,7 @@ def test_best_of_n_tables_score_every_candidate_from_one_cache(smoke_run):
 
 @pytest.fixture(scope="module")
 def second_run(tiny_model_dir, shared_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke-again")
-    result = snakemake(workdir, tiny_config(tiny_model_dir, shared_data))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+    return whole_tiny_dag(tmp_path_factory.mktemp("smoke-again"), tiny_model_dir, shared_data)
 
 
 def test_same_seed_gives_bitwise_identical_results(smoke_run, second_run):
