@@ -4,6 +4,7 @@ or loaded pretrained; saved and loaded in sae-lens format; measured on held-out 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -226,8 +227,6 @@ def prepare_sae(
 ):
     """The SAE stage: train on `train`'s sentence-final corpus (an ActivationCache), resuming from
     `checkpoint_root` when a run was cut short, or load the pretrained one named in `settings`."""
-    import time
-
     d_in = train.hidden_size
     start = time.perf_counter()
     if settings["pretrained"]:
