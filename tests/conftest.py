@@ -82,7 +82,7 @@ def trained(tiny_model_dir, hh_pairs, tmp_path_factory):
     sae = train_sae(train.sentence_shards, 64, 256, 8, 2000, batch_size=64)
     spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
     settings = {"epochs": 3, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}
-    model, history = fit_reward_model("sae", train, val, tiny_model_dir, spec, settings, sae)
+    model, history = fit_reward_model({"features": "sae"}, train, val, tiny_model_dir, spec, settings, sae)
     model.weight = torch.randn_like(model.weight)  # a head with every weight non-zero tests more
     model.save_pretrained(root / "rm")
     return root, val_pairs, history

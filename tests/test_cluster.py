@@ -79,15 +79,24 @@ def test_paper_config_asks_for_what_an_8b_model_at_layer_16_needs(paper_plan, sh
     assert train["gpu"] == 1 and 12_000 <= train["mem_mb"] <= 20_000
     # ~73k pairs x 2 x 1,024 planned tokens x 2 x 4B FLOPs at 100 TFLOP/s, doubled: hours, not minutes
     assert 240 <= train["runtime"] <= 600
-    assert job(paper_plan, "cache_activations", table="reward-bench")["runtime"] < train["runtime"] / 5
+    assert job(paper_plan, "cache_activations", table="val")["runtime"] < train["runtime"] / 5
+    # tuned models are scored from text: no evaluation set is cached
+    assert not [j for j in paper_plan if j["rule"] == "cache_activations" and j["wildcards"]["table"] not in ("train", "val")]
     sae = job(paper_plan, "sae")
     assert sae["gpu"] == 1 and sae["mem_mb"] >= 10_000
-    # the SARM head reads 65,536 dense latents of ~154k sequences: tens of GB, on the CPU
-    sarm, dense = job(paper_plan, "train_reward", rm="sarm"), job(paper_plan, "train_reward", rm="dense")
-    assert sarm["mem_mb"] >= 50_000 and dense["mem_mb"] < sarm["mem_mb"] / 4 and "gpu" not in sarm
+    # the paper's fine-tuning of layers 1..16 + head: 8 GPUs of one node (finetune.gpus), ~4B parameters
+    # loaded in fp32 on the host, 3 epochs of ~73k pairs: hours
+    sarm, dense = job(paper_plan, "finetune_reward", rm="sarm"), job(paper_plan, "finetune_reward", rm="dense")
+    assert sarm["gpu"] == dense["gpu"] == 8 and 20_000 <= sarm["mem_mb"] <= 40_000 and 120 <= sarm["runtime"] <= 24 * 60
+    assert job(paper_plan, "evaluate", rm="sarm", table="reward-bench-2")["gpu"] == 1  # tuned: scored from text
     # the dry run asks exactly what sarm.cluster computes
     shape = cluster.model_shape(config)
     assert shape.source == "config key cluster.model_shape" and shape.loaded_b == pytest.approx(4.015)
+    # a frozen SARM head of this size reads 65,536 dense latents of ~154k sequences: tens of GB, on the CPU
+    frozen = config | {"resources_dir": "none", "reward_models": {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}}
+    frozen_sarm = cluster.estimate("train_reward", frozen, shape, rm="sarm")
+    assert frozen_sarm["mem_mb"] >= 50_000 and frozen_sarm["gpu"] == 0
+    assert cluster.estimate("train_reward", frozen, shape, rm="dense")["mem_mb"] < frozen_sarm["mem_mb"] / 4
     assert sae["mem_mb"] == cluster.estimate("sae", config | {"resources_dir": "none"}, shape)["mem_mb"]
     for rule in ("fetch_model", "fetch_dataset"):
         assert all("gpu" not in j["resources"] for j in paper_plan if j["rule"] == rule), rule
@@ -115,8 +124,11 @@ def test_fetch_rules_run_on_the_login_node(tmp_path):
 
 
 def test_default_config_stays_small_under_the_slurm_profile(default_plan, paper_plan):
-    for rule, kwargs in [("cache_activations", {"table": "train"}), ("sae", {}), ("train_reward", {"rm": "sarm"})]:
-        small, big = job(default_plan, rule, **kwargs), job(paper_plan, rule, **kwargs)
+    for rule, paper_rule, kwargs in [
+        ("cache_activations", "cache_activations", {"table": "train"}), ("sae", "sae", {}),
+        ("train_reward", "finetune_reward", {"rm": "sarm"}),  # the default's frozen head, the paper's fine-tuning
+    ]:
+        small, big = job(default_plan, rule, **kwargs), job(paper_plan, paper_rule, **kwargs)
         assert small["mem_mb"] <= 8000 and small["runtime"] <= 60, (rule, small)
         assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > small["runtime"], rule
     assert job(default_plan, "cache_activations", table="train")["gpu"] == 1  # device: auto asks for one

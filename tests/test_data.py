@@ -183,7 +183,7 @@ def test_bad_spec(spec, message):
 
 
 def test_formats_are_the_documented_ones():
-    assert set(FORMATS) == {"hh_rlhf", "rewardbench", "chat", "llmbar"}
+    assert set(FORMATS) == {"hh_rlhf", "rewardbench", "rewardbench2", "chat", "llmbar"}
 
 
 # --- reading files ---------------------------------------------------------------------------------------------

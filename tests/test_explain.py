@@ -40,7 +40,7 @@ def tiny(tiny_model_dir, hh_pairs, tmp_path_factory):
     cache = A.ActivationCache(root / "cache")
     sae = train_sae(cache.sentence_shards, 64, 128, 8, 2000, batch_size=64)
     spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
-    model, _ = fit_reward_model("sae", cache, cache, tiny_model_dir, spec, {"epochs": 1, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}, sae)
+    model, _ = fit_reward_model({"features": "sae"}, cache, cache, tiny_model_dir, spec, {"epochs": 1, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}, sae)
     g = torch.Generator().manual_seed(0)
     model.weight = torch.randn(128, generator=g) * (torch.rand(128, generator=g) < 0.5)
     model.save_pretrained(root / "rm")

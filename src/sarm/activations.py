@@ -101,6 +101,15 @@ def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
     return Encoded(np.asarray(ids[cut:], dtype=np.int64), np.zeros(0, dtype=np.int64), cut > 0)
 
 
+def token_positions(encoded: Encoded, seed: int) -> Encoded:
+    """The same sequence with its sentence-final positions replaced by as many (at least one) positions drawn
+    uniformly from all its tokens, without replacement: the token-level SAE's corpus at the same size."""
+    n = len(encoded.input_ids)
+    count = min(n, max(1, len(encoded.sentence_ends)))
+    picked = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+    return Encoded(encoded.input_ids, picked.astype(np.int64), encoded.truncated)
+
+
 def standardize(hidden: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
     """Per-token standardisation over the hidden dimension, in float32."""
     hidden = hidden.float()
@@ -189,11 +198,12 @@ def cache_activations(
     shard_size: int = 1024,
     with_sentences: bool = True,
     meta: dict | None = None,
+    corpus: str = "sentence",
 ) -> dict:
     """Cache the standardised hidden states of every chosen and rejected sequence of `pairs`."""
     return cache_sequences(
         model, tokenizer, pair_sequences(pairs), out_dir, max_length, batch_size, device, shard_size,
-        with_sentences, meta, counts={"n_pairs": len(pairs)},
+        with_sentences, {**(meta or {}), "corpus": corpus}, counts={"n_pairs": len(pairs)}, corpus=corpus,
     )
 
 
@@ -209,10 +219,13 @@ def cache_sequences(
     with_sentences: bool = True,
     meta: dict | None = None,
     counts: dict | None = None,
+    corpus: str = "sentence",
 ) -> dict:
     """Cache the standardised hidden states of any list of (prompt, response): one row of `sequences` each,
     with columns `prompt` (chat messages) and `response`; row i becomes cached sequence i, and the other
-    columns go to the index as they are."""
+    columns go to the index as they are. The SAE corpus kept beside the final tokens holds the sentence-final
+    states (`corpus="sentence"`) or as many states at token positions drawn uniformly (`"token"`, for the
+    token-level SAE ablation)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = sequences.reset_index(drop=True)
@@ -220,6 +233,10 @@ def cache_sequences(
         encode(tokenizer, row.prompt, row.response, max_length)
         for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
     ]
+    if corpus == "token":
+        encoded = [token_positions(e, seed=i) for i, e in enumerate(encoded)]
+    elif corpus != "sentence":
+        raise SarmError(f"unknown SAE corpus {corpus!r} (sentence or token)")
     sequences = sequences.drop(columns=["prompt", "response"]).assign(
         n_tokens=[len(e.input_ids) for e in encoded],
         n_sentences=[len(e.sentence_ends) for e in encoded],

@@ -42,7 +42,7 @@ BASE_MB = 3000  # python + torch + transformers + sae-lens, measured ~1 GB RSS, 
 UNKNOWN_PAIRS = 100_000  # hub data before its fetch (Skywork-80K is ~77k pairs)
 SENTENCES_PER_SEQUENCE = 20  # sentence-final vectors per cached sequence (HH-RLHF: 15 on average)
 AVG_TOKENS_CAP = 1024  # planned tokens per sequence: min(max_length, this) (HH-RLHF at 384: 194 measured)
-GPU_RULES = {"cache_activations", "cache_bon", "sae"}  # rules that use a GPU when device is not cpu
+GPU_RULES = {"cache_activations", "cache_bon", "sae", "finetune_reward"}  # rules that use a GPU when device is not cpu
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,21 @@ def weight_bytes(model: dict, device: str) -> int:
     return 4  # float32, or auto where the job may land on a CPU
 
 
-def uses_gpu(rule: str, config: dict) -> bool:
+def uses_gpu(rule: str, config: dict, rm: str | None = None) -> bool:
+    """Whether a job of `rule` runs on a GPU; evaluation does when it scores a tuned model from its text."""
+    if rule == "evaluate" and rm is not None and _mode(config, rm) != "frozen":
+        return config["device"] != "cpu"
     return rule in GPU_RULES and config["device"] != "cpu"
+
+
+def _spec(config: dict, rm: str | None) -> dict:
+    from sarm.config import REWARD_MODEL_DEFAULTS
+
+    return {**REWARD_MODEL_DEFAULTS, **config.get("reward_models", {}).get(rm or "sarm", {})}
+
+
+def _mode(config: dict, rm: str | None) -> str:
+    return _spec(config, rm)["mode"]
 
 
 def _mb(n_bytes: float) -> float:
@@ -175,7 +188,7 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
              attempt: int = 1, threads: int = 8) -> dict:
     """Resources of one job of `rule` (see the module docstring); `table` / `rm` are its wildcards."""
     model = config["model"]
-    gpu = uses_gpu(rule, config)
+    gpu = uses_gpu(rule, config, rm)
     h = shape.hidden_size
     width, _ = sae_shape(config, h)
     if rule in ("cache_activations", "cache_bon"):
@@ -200,13 +213,35 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
         gpu_mem = _mb(sae_params * 4 * 4 + config["sae"]["batch_size"] * width * 4 * 4) if gpu else 0
         flops = samples * 6 * 2 * h * width  # encoder + decoder, forward + backward
     elif rule == "train_reward":
-        features = width if (rm or "sarm") == "sarm" else h
+        features = width if _spec(config, rm)["features"] == "sae" else h
         sequences = 2 * (table_pairs(config, "train") + table_pairs(config, "val"))
         host = BASE_MB + _mb(sequences * (features + h) * 4 * 1.5)  # dense feature matrix + hidden states
         gpu_mem = 0
         flops = config["reward"]["epochs"] * sequences * features * 6 + (sequences * h * width * 2 if features == width else 0)
+    elif rule == "finetune_reward" or (rule == "evaluate" and _mode(config, rm) != "frozen"):
+        spec = _spec(config, rm)
+        params_b = shape.params_b if spec["mode"] == "full_depth" else shape.loaded_b
+        sae_params = 2 * h * width if spec["features"] == "sae" and spec["mode"] != "full_depth" else 0
+        n = params_b * 1e9 + sae_params
+        if rule == "finetune_reward":
+            pairs = min(table_pairs(config, "train"), config["finetune"]["max_pairs"] or UNKNOWN_PAIRS)
+            tokens = 2 * pairs * min(model["max_length"], AVG_TOKENS_CAP) * config["finetune"]["epochs"]
+            flops = 8 * n * tokens  # forward + backward (6) + the forward gradient checkpointing repeats (2)
+            trained = n if spec["mode"] != "finetune" else n - sae_params
+            gpus = config["finetune"]["gpus"] if gpu else 1
+            batch_tokens = 2 * config["finetune"]["per_device_batch_size"] * model["max_length"]
+            device_mem = (n * 2 + trained * 16 / gpus) if gpu else n * 4 + trained * 16  # ZeRO-3 shards the states
+            act = batch_tokens * h * 4 * (shape.num_hidden_layers + 16)
+            host = BASE_MB + _mb(n * 4 * 1.25 + (0 if gpu else device_mem + act))
+            gpu_mem = _mb(device_mem + act) if gpu else 0
+            flops /= gpus
+        else:
+            sequences = 2 * table_pairs(config, table or "val")
+            flops = 2 * n * sequences * min(model["max_length"], AVG_TOKENS_CAP)
+            host = BASE_MB + _mb(n * 4 * 1.25)
+            gpu_mem = _mb(n * 2 + model["batch_size"] * model["max_length"] * h * 4 * 24) if gpu else 0
     elif rule == "evaluate":
-        features = width if (rm or "sarm") == "sarm" else h
+        features = width if _spec(config, rm)["features"] == "sae" else h
         sequences = 2 * table_pairs(config, table or "val")
         host = BASE_MB + _mb(sequences * (features + h) * 4 * 1.5 + (2 * h * width * 4 if features == width else 0))
         gpu_mem = 0
@@ -214,10 +249,11 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
     else:
         raise ValueError(f"no resource model for rule {rule!r}")
     runtime = SETUP_MINUTES + 2 * _minutes(flops, gpu, threads)
+    n_gpus = (config["finetune"]["gpus"] if rule == "finetune_reward" else 1) if gpu else 0
     return {
         "mem_mb": _round_up(host) * attempt,
         "runtime": int(math.ceil(runtime / 5) * 5) * attempt,
-        "gpu": 1 if gpu else 0,
+        "gpu": n_gpus,
         "gpu_mem_mb": _round_up(gpu_mem) if gpu else 0,
     }
 

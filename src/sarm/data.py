@@ -3,6 +3,11 @@
 A pair table has the columns in `COLUMNS`. `prompt` is the conversation before the judged response, a list
 of `{"role", "content"}` messages; `chosen` and `rejected` are the two final assistant responses.
 Each source format has a row adapter in `FORMATS`; rows an adapter cannot use are skipped and counted.
+
+Optional columns (`OPTIONAL_COLUMNS`) travel with a table when it has them: a RewardBench 2 row (one prompt,
+several correct and incorrect completions) becomes several pairs that share `group` (the row's id) and name
+the completions they compare (`chosen_index`, `rejected_index`); a data set that is an official benchmark
+(`benchmark_of_spec`) has a `benchmark` column.
 """
 
 from __future__ import annotations
@@ -25,10 +30,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sarm.errors import SarmError
+from sarm.rewardbench import BENCHMARK_COLUMN, BENCHMARKS, GROUP_COLUMNS, SECTIONS
 
 log = logging.getLogger(__name__)
 
 COLUMNS: list[str] = ["id", "prompt", "chosen", "rejected", "subset", "category", "dataset"]
+OPTIONAL_COLUMNS: list[str] = [*GROUP_COLUMNS, BENCHMARK_COLUMN]
+
+# Official benchmarks, recognised by (hub id, split, format) unless the config entry names `benchmark`.
+OFFICIAL_SOURCES: dict[tuple[str, str, str], str] = {
+    ("allenai/reward-bench", "filtered", "rewardbench"): "rewardbench-v1",
+    ("allenai/reward-bench-2", "test", "rewardbench2"): "rewardbench-2",
+}
+_V1_SECTION = {subset: section for section, subsets in SECTIONS.items() for subset in subsets}
 
 ROLES = ("system", "user", "assistant")
 _ASSISTANT = "\n\nAssistant:"
@@ -119,10 +133,48 @@ def _hh_rlhf(row: dict, name: str, spec: dict) -> dict:
 
 
 def _rewardbench(row: dict, name: str, spec: dict) -> dict:
-    """RewardBench columns: a prompt string, two response strings and a subset (category optional)."""
+    """RewardBench columns: a prompt string, two response strings and a subset (category optional).
+
+    Without a category (in the row or the config entry), an official RewardBench v1 subset falls in its v1
+    section (Chat, Chat Hard, Safety, Reasoning), any other subset in a category of its own name.
+    """
     subset, category = _labels(row, name, spec)
+    given = row.get("category")
+    if not (isinstance(given, str) and given) and not spec.get("category"):
+        category = _V1_SECTION.get(subset, category)
     return dict(prompt=_user_prompt(row.get("prompt")), chosen=_response(row.get("chosen")),
                 rejected=_response(row.get("rejected")), subset=subset, category=category)
+
+
+def _response_list(value: Any) -> list[str]:
+    """A non-empty list of response texts (RewardBench 2's `chosen` / `rejected`)."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise _Skip("malformed_completions")
+    if len(value) == 0:
+        raise _Skip("missing_response")
+    return [_response(text) for text in value]
+
+
+def _rewardbench2(row: dict, name: str, spec: dict) -> list[dict]:
+    """RewardBench 2: a prompt string, lists of correct (`chosen`) and incorrect (`rejected`) completions.
+
+    The row becomes max(c, r) pairs, pair k comparing chosen[k % c] with rejected[k % r], so every completion
+    is scored at least once: 1 chosen + 3 rejected gives 3 pairs; a Ties row with 4 correct and 6 incorrect
+    gives 6. `chosen_index` / `rejected_index` name the completions; `load_pairs` adds `group` (the row id).
+    Identical texts on both sides are kept: best-of-n scoring counts them as a tie, as the official code does.
+    """
+    chosen, rejected = _response_list(row.get("chosen")), _response_list(row.get("rejected"))
+    for key, count in (("num_correct", len(chosen)), ("num_incorrect", len(rejected))):
+        if row.get(key) is not None and row[key] != count:
+            raise _Skip("counts_disagree")
+    prompt = _user_prompt(row.get("prompt"))
+    subset, category = _labels(row, name, spec)
+    c, r = len(chosen), len(rejected)
+    return [
+        dict(prompt=prompt, chosen=chosen[k % c], rejected=rejected[k % r], subset=subset, category=category,
+             chosen_index=k % c, rejected_index=k % r)
+        for k in range(max(c, r))
+    ]
 
 
 def _messages(value: Any) -> list[dict]:
@@ -182,9 +234,11 @@ def _llmbar(row: dict, name: str, spec: dict) -> dict:
                 subset=subset, category=category)
 
 
-FORMATS: dict[str, Callable[[dict, str, dict], dict]] = {
+# An adapter returns one pair, or (grouped formats) a list of the pairs of one prompt.
+FORMATS: dict[str, Callable[[dict, str, dict], dict | list[dict]]] = {
     "hh_rlhf": _hh_rlhf,
     "rewardbench": _rewardbench,
+    "rewardbench2": _rewardbench2,
     "chat": _chat,
     "llmbar": _llmbar,
 }
@@ -193,6 +247,7 @@ FORMATS: dict[str, Callable[[dict, str, dict], dict]] = {
 _REQUIRED = {
     "hh_rlhf": ("chosen", "rejected"),
     "rewardbench": ("prompt", "chosen", "rejected", "subset"),
+    "rewardbench2": ("id", "prompt", "chosen", "rejected", "subset"),  # Ties needs its ref:/tied: ids
     "chat": ("chosen", "rejected"),
     "llmbar": ("input", "output_1", "output_2", "label"),
 }
@@ -299,6 +354,52 @@ def _check_spec(name: str, spec: dict) -> None:
     max_pairs = spec.get("max_pairs")
     if max_pairs is not None and (not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1):
         raise SarmError(f"dataset {name}: 'max_pairs' must be a positive integer, got {max_pairs!r}")
+    benchmark = spec.get("benchmark")
+    if benchmark is not None and benchmark not in BENCHMARKS:
+        raise SarmError(f"dataset {name}: 'benchmark' must be one of {list(BENCHMARKS)}, got {benchmark!r}")
+    if benchmark == "rewardbench-2" and spec["format"] != "rewardbench2":
+        raise SarmError(f"dataset {name}: 'benchmark' rewardbench-2 needs 'format' rewardbench2")
+
+
+def benchmark_of_spec(spec: dict) -> str:
+    """The benchmark a configured data set is: its `benchmark` key, else "rewardbench-v1" for allenai/reward-bench
+    (split filtered), "rewardbench-2" for allenai/reward-bench-2 (split test), else "local"."""
+    if spec.get("benchmark"):
+        return spec["benchmark"]
+    return OFFICIAL_SOURCES.get((spec.get("hub"), spec.get("split", "train"), spec.get("format")), "local")
+
+
+def _sampling_unit(table: pd.DataFrame) -> pd.Series:
+    """What a sample keeps or drops whole: a pair, or a grouped table's prompt. The Ties groups `ref:<n>` and
+    `tied:<n>` are one prompt, scored together."""
+    if "group" not in table.columns:
+        return pd.Series(np.arange(len(table)), index=table.index).astype(str)
+    group = table["group"].astype(str)
+    linked = group.str.match(r"^(ref|tied):")
+    return table["subset"].astype(str) + "\x00" + group.where(~linked, "ties:" + group.str.partition(":")[2])
+
+
+def sample_units(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """The rows of n sampling units (pairs, or prompts of a grouped table) from a seeded shuffle, in table order."""
+    units = _sampling_unit(table)
+    distinct = units.unique()
+    if n >= len(distinct):
+        return table
+    keep = set(distinct[np.random.default_rng(seed).permutation(len(distinct))[:n]])
+    return table[units.isin(keep).to_numpy()].reset_index(drop=True)
+
+
+def cap_per_subset(pairs: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+    """At most `cap` pairs per subset (a grouped table: `cap` prompts, each with all its pairs), seeded, in order."""
+    if cap is None:
+        return pairs
+    if "group" not in pairs.columns:
+        shuffled = pairs.sample(frac=1.0, random_state=seed)
+        return shuffled.groupby("subset", sort=False).head(cap).sort_index().reset_index(drop=True)
+    units = _sampling_unit(pairs)
+    order = units.drop_duplicates().sample(frac=1.0, random_state=seed)
+    kept = order.groupby(pairs.loc[order.index, "subset"], sort=False).head(cap)
+    return pairs[units.isin(set(kept)).to_numpy()].reset_index(drop=True)
 
 
 def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.DataFrame, dict]:
@@ -323,7 +424,7 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
     for index, row in enumerate(records):
         try:
             pair = adapter(row, name, spec)
-            if pair["chosen"] == pair["rejected"]:
+            if isinstance(pair, dict) and pair["chosen"] == pair["rejected"]:
                 raise _Skip("identical_responses")
         except _Skip as skip:
             skipped[skip.args[0]] += 1
@@ -333,7 +434,10 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
         if row_id in seen:
             raise SarmError(f"dataset {name}: duplicated id {row_id!r} in {source}")
         seen.add(row_id)
-        pairs.append({"id": row_id, **pair, "dataset": name})
+        if isinstance(pair, dict):
+            pairs.append({"id": row_id, **pair, "dataset": name})
+        else:  # the pairs of one prompt
+            pairs.extend({"id": f"{row_id}/{k}", **p, "dataset": name, "group": row_id} for k, p in enumerate(pair))
 
     if skipped:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items()))
@@ -341,12 +445,18 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
                     source, reasons)
     if not pairs:
         raise SarmError(f"dataset {name}: no valid pairs in {source} ({len(records)} rows read)")
+    grouped = "group" in pairs[0]
     max_pairs = spec.get("max_pairs")
-    if max_pairs is not None and max_pairs < len(pairs):
+    if max_pairs is not None and max_pairs < len(pairs) and not grouped:
         # The first max_pairs of a seeded shuffle, kept in source order.
         keep = np.sort(np.random.default_rng(spec.get("seed", 0)).permutation(len(pairs))[:max_pairs])
         pairs = [pairs[i] for i in keep]
-    table = pd.DataFrame(pairs, columns=COLUMNS)
+    table = pd.DataFrame(pairs, columns=[*COLUMNS, *GROUP_COLUMNS] if grouped else COLUMNS)
+    if grouped and max_pairs is not None:  # a grouped table keeps max_pairs whole prompts
+        table = sample_units(table, max_pairs, spec.get("seed", 0))
+    benchmark = benchmark_of_spec(spec)
+    if benchmark != "local":
+        table[BENCHMARK_COLUMN] = benchmark
     return table, {"rows_read": len(records), "pairs_kept": len(table), "skipped": dict(skipped)}
 
 
@@ -362,7 +472,8 @@ def write_pairs(df: pd.DataFrame, path: str | os.PathLike) -> None:
     if missing:
         raise SarmError(f"{path}: cannot write pairs, columns missing: {missing}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df[COLUMNS], preserve_index=False)
+    columns = [*COLUMNS, *(column for column in OPTIONAL_COLUMNS if column in df.columns)]
+    table = pa.Table.from_pandas(df[columns], preserve_index=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -374,7 +485,8 @@ def write_pairs(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_pairs(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a pair table written by `write_pairs`; `prompt` comes back as lists of plain dicts."""
+    """Read a pair table written by `write_pairs` (with its optional columns); `prompt` comes back as lists of
+    plain dicts."""
     path = Path(path)
     try:
         table = pq.read_table(path)
@@ -383,7 +495,8 @@ def read_pairs(path: str | os.PathLike) -> pd.DataFrame:
     missing = [column for column in COLUMNS if column not in table.column_names]
     if missing:
         raise SarmError(f"{path}: not a pair table, columns missing: {missing}")
-    df = table.select([c for c in COLUMNS if c != "prompt"]).to_pandas()
+    columns = [*COLUMNS, *(column for column in OPTIONAL_COLUMNS if column in table.column_names)]
+    df = table.select([c for c in columns if c != "prompt"]).to_pandas()
     df.insert(COLUMNS.index("prompt"), "prompt", table.column("prompt").to_pylist())
     return df
 

@@ -247,7 +247,7 @@ def feature_stats(
     picked = select_features(model.weight, fires.float().mean(0), n_weight, n_frequent, extra)
     ids = [p["feature"] for p in picked]
     base = model.config["base_model"]
-    tokenizer = models.load_tokenizer(base["path"], base.get("chat_template"), base.get("trust_remote_code", False))
+    tokenizer = models.load_tokenizer(model.backbone_path, base.get("chat_template"), base.get("trust_remote_code", False))
 
     corpus, n_corpus = ({f: {"top": [], "values": np.zeros(0)} for f in ids}, 0)
     if corpus_cache is not None and ids:

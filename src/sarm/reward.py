@@ -10,6 +10,7 @@ for SARM, the SAE in sae-lens format under `sae/`. `RewardModel` scores cached h
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from sae_lens.saes.topk_sae import TopK
 
 from sarm import activations, checkpoints, models
 from sarm.errors import SarmError
@@ -35,12 +37,62 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
+@dataclass(frozen=True)
+class SparseFeatures:
+    """TopK latents of n rows as (indices [n, k], values [n, k]): row i is zero except values[i] at indices[i].
+
+    What `train_head` needs of a dense [n, width] tensor (`shape`, `len`, row indexing, `@ weight`) works on
+    it with k numbers a row instead of width: 77k pairs x 2 x 65,536 latents take 40 GB dense, 0.24 GB here (k = 192).
+    """
+
+    indices: torch.Tensor  # int32: a row's k latent ids
+    values: torch.Tensor  # float32: their activations (a TopK slot that ReLU zeroed holds 0)
+    width: int  # d_sae
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.indices), self.width))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, rows) -> "SparseFeatures":
+        return SparseFeatures(self.indices[rows], self.values[rows], self.width)
+
+    def __matmul__(self, weight: torch.Tensor) -> torch.Tensor:
+        """features @ weight: sum_j values[i, j] * weight[indices[i, j]] (differentiable in `weight`)."""
+        return (self.values * weight[self.indices]).sum(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.zeros(self.shape).scatter_(1, self.indices.long(), self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.nbytes + self.values.nbytes
+
+
 @torch.no_grad()
-def sae_features(sae, hidden: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """TopK latents of standardised hidden states, [n, d_sae] in float32."""
+def sae_features(sae, hidden: torch.Tensor, batch_size: int = 1024, sparse: bool = False) -> torch.Tensor | SparseFeatures:
+    """TopK latents of standardised hidden states: [n, d_sae] in float32, or with `sparse` (and a TopK SAE,
+    i.e. one whose cfg has `k`) the same latents as `SparseFeatures`, never holding more than one dense
+    chunk of `batch_size` rows (1024 x 65,536 latents: 0.27 GB)."""
     dtype, device = sae.W_enc.dtype, sae.W_enc.device
-    return torch.cat(
-        [sae.encode(hidden[i : i + batch_size].to(device, dtype)).float().cpu() for i in range(0, len(hidden), batch_size)]
+    k = getattr(sae.cfg, "k", None) if sparse else None
+    chunks = []
+    for start in range(0, len(hidden), batch_size):
+        z = sae.encode(hidden[start : start + batch_size].to(device, dtype))
+        z = z.to_dense() if z.is_sparse else z
+        if k is None:
+            chunks.append(z.float().cpu())
+        else:
+            values, indices = z.topk(k, dim=-1, sorted=False)  # exactly the non-zeros (plus zeros if ReLU cut some)
+            chunks.append((indices.to(torch.int32).cpu(), values.float().cpu()))
+    if k is None:
+        return torch.cat(chunks) if chunks else torch.zeros(0, sae.cfg.d_sae)
+    return SparseFeatures(
+        torch.cat([i for i, _ in chunks]) if chunks else torch.zeros(0, k, dtype=torch.int32),
+        torch.cat([v for _, v in chunks]) if chunks else torch.zeros(0, k),
+        sae.cfg.d_sae,
     )
 
 
@@ -50,8 +102,8 @@ def _pairs(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_head(
-    train: torch.Tensor,
-    val: torch.Tensor,
+    train: torch.Tensor | SparseFeatures,
+    val: torch.Tensor | SparseFeatures,
     epochs: int,
     lr: float,
     batch_size: int,
@@ -63,7 +115,9 @@ def train_head(
     """Fit w (zero-initialised, no bias) with BT loss on paired feature rows; keep the epoch with the
     highest validation accuracy (the lower validation loss breaks ties). Returns the weights and one
     history row per epoch. With `checkpoint_root`, every epoch is checkpointed there and a run that
-    finds a checkpoint resumes after it, ending exactly as an uninterrupted run would."""
+    finds a checkpoint resumes after it, ending exactly as an uninterrupted run would. Features are dense
+    [n, d] tensors or `SparseFeatures` (TopK latents as indices + values: the same result up to float
+    rounding, in k / d of the memory)."""
     chosen, rejected = _pairs(train)
     val_chosen, val_rejected = _pairs(val)
     weight = torch.zeros(train.shape[1], requires_grad=True)
@@ -143,6 +197,8 @@ class RewardModel:
             if sae.cfg.d_sae != len(weight):
                 raise SarmError(f"the SAE has {sae.cfg.d_sae} latents but the head has {len(weight)} weights")
         self.config, self.weight, self.sae = config, weight.float(), sae
+        if sae is not None:
+            set_topk(sae, config.get("topk", True))
         self.device = "cpu"
         self._backbone = self._tokenizer = None
 
@@ -160,7 +216,7 @@ class RewardModel:
     # --- raw text, end to end ---
     def load_backbone(self, device: str = "cpu") -> None:
         base = self.config["base_model"]
-        self._tokenizer, self._backbone, self.device, _ = models.load_backbone(base, base["path"], device)
+        self._tokenizer, self._backbone, self.device, _ = models.load_backbone(base, self.backbone_path, device)
         if self.sae is not None:
             self.sae.to(self.device)
 
@@ -235,9 +291,12 @@ class RewardModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({"weight": self.weight.contiguous()}, path / HEAD_FILE)
+        config = json.loads(json.dumps(self.config))
+        if not Path(config["base_model"]["path"]).is_absolute() and not (path / config["base_model"]["path"]).exists():
+            config["base_model"]["path"] = str(self.backbone_path.resolve())  # an edited copy saved elsewhere
         if self.sae is not None:
             save_sae(self.sae, path / SAE_DIR)
-        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return path
 
     @classmethod
@@ -250,38 +309,67 @@ class RewardModel:
         sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
         model = cls(config, weight, sae)
         model.device = models.resolve_device(device)
+        model.folder = path
         return model
+
+    @property
+    def backbone_path(self) -> Path:
+        """The base model folder; a relative path (a fine-tuned backbone saved inside the model) is read
+        relative to the reward-model folder."""
+        path = Path(self.config["base_model"]["path"])
+        return path if path.is_absolute() else Path(getattr(self, "folder", ".")) / path
 
 
 def _messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def fit_reward_model(
-    features: str, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None,
-    checkpoint_root: str | Path | None = None,
-) -> tuple[RewardModel, pd.DataFrame]:
-    """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
-    with `checkpoint_root`, a run cut short resumes from its last epoch."""
-    config = {
+def set_topk(sae, enabled: bool) -> None:
+    """TopK on (the SAE as trained) or off: every positive pre-activation passes (ReLU), the public recipe's
+    variant. sae-lens applies `activation_fn` inside `encode`, so nothing else changes."""
+    k = getattr(sae.cfg, "k", None)
+    if k is None:
+        return  # not a TopK SAE (e.g. a pretrained ReLU SAE): nothing to switch
+    sae.activation_fn = TopK(k) if enabled else torch.nn.ReLU()
+
+
+def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, training: dict, base_path: str | None = None) -> dict:
+    """The `reward_model.json` of a SARM or dense-head model: all it takes to rebuild and score it.
+    `base_path`: a backbone saved inside the model folder (fine-tuned modes), relative to it."""
+    return {
         "format": "sarm-reward-model",
         "version": 1,
-        "features": features,
-        "hidden_size": train.hidden_size,
+        "features": spec["features"],
+        "sae_kind": spec.get("sae", "sequence") if spec["features"] == "sae" else None,
+        "topk": spec.get("topk", True),
+        "hidden_size": hidden_size,
         "base_model": {
             "name": model_spec["name"],
-            "path": str(Path(model_dir).resolve()),
+            "path": base_path or str(Path(model_dir).resolve()),
+            "source": str(Path(model_dir).resolve()),
             "hub_id": model_spec.get("hub_id"),
             "layer": model_spec["layer"],
-            "dtype": train.meta.get("dtype", model_spec["dtype"]),
+            "dtype": model_spec["dtype"],
             "max_length": model_spec["max_length"],
             "chat_template": model_spec.get("chat_template"),
             "trust_remote_code": model_spec.get("trust_remote_code", False),
         },
         "standardize": {"per_token": True, "eps": activations.STANDARDIZE_EPS},
         "read_at": "final token of the chat-templated prompt + response",
-        "training": {"mode": "frozen-backbone, cached features", **settings, "seed": seed},
+        "training": training,
     }
+
+
+def fit_reward_model(
+    spec: dict, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None,
+    checkpoint_root: str | Path | None = None,
+) -> tuple[RewardModel, pd.DataFrame]:
+    """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
+    `spec` is the config's reward-model entry (features, sae, topk). With `checkpoint_root`, a run cut short
+    resumes from its last epoch."""
+    training = {"mode": "frozen", "cached": True, **settings, "seed": seed}
+    config = model_config(spec, {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])}, model_dir, train.hidden_size, training)
+    features = spec["features"]
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
         checkpoint_root = checkpoints.open_root(checkpoint_root, {**config, "train": train.meta, "val": val.meta})

@@ -85,18 +85,8 @@ def train_sae(
     With `checkpoint_root`, `n_checkpoints` evenly spaced checkpoints are kept there, and a run that finds
     one resumes from it: weights, optimiser, dead-latent counters and the data stream's position, so it
     ends exactly where an uninterrupted run would."""
-    check_shape(d_sae, k)
     torch.manual_seed(seed)
-    cfg = TopKTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        k=k,
-        device=device,
-        apply_b_dec_to_input=True,  # x - b_pre before encoding, as in the paper
-        normalize_activations="none",  # inputs are standardised per token already
-    )
-    for key, value in (metadata or {}).items():
-        setattr(cfg.metadata, key, value)
+    cfg = topk_config(d_in, d_sae, k, device, metadata)
     resume_from = checkpoints.latest(checkpoint_root)
     if resume_from is not None:
         sae = TopKTrainingSAE.load_from_disk(resume_from, device=device)
@@ -134,6 +124,27 @@ def train_sae(
         log.info("resuming SAE training from %s (%d samples, %d steps done)", resume_from, trainer.n_training_samples, steps_done)
     trainer.data_provider = _stream(shards, batch_size, buffer_size, seed, steps_done)
     return trainer.fit()
+
+
+def topk_config(d_in: int, d_sae: int, k: int, device: str = "cpu", metadata: dict | None = None) -> TopKTrainingSAEConfig:
+    check_shape(d_sae, k)
+    cfg = TopKTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        device=device,
+        apply_b_dec_to_input=True,  # x - b_pre before encoding, as in the paper
+        normalize_activations="none",  # inputs are standardised per token already
+    )
+    for key, value in (metadata or {}).items():
+        setattr(cfg.metadata, key, value)
+    return cfg
+
+
+def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0, metadata: dict | None = None) -> TopKTrainingSAE:
+    """The ablation's SAE with a random-init encoder: sae-lens' own initialisation, never trained."""
+    torch.manual_seed(seed)
+    return TopKTrainingSAE(topk_config(d_in, d_sae, k, "cpu", metadata))
 
 
 def _stream(shards, batch_size: int, buffer_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
@@ -223,13 +234,18 @@ def warn_if_useless(metrics: dict, name: str) -> None:
 
 
 def prepare_sae(
-    settings: dict, train, device: str, seed: int, metadata: dict, log_to_wandb: bool = False, checkpoint_root=None
+    settings: dict, train, device: str, seed: int, metadata: dict, log_to_wandb: bool = False, checkpoint_root=None,
+    kind: str = "sequence",
 ):
-    """The SAE stage: train on `train`'s sentence-final corpus (an ActivationCache), resuming from
-    `checkpoint_root` when a run was cut short, or load the pretrained one named in `settings`."""
+    """The SAE stage: train on `train`'s corpus (an ActivationCache: sentence-final states for the sequence-level
+    SAE, sampled token states for the token-level one), resuming from `checkpoint_root` when a run was cut
+    short; or load the pretrained one named in `settings`; or (kind `random`) initialise one and not train it."""
     d_in = train.hidden_size
     start = time.perf_counter()
-    if settings["pretrained"]:
+    if kind == "random":
+        width, k = settings["width"] or default_width(d_in), settings["k"] or default_k(d_in)
+        sae, source = random_sae(d_in, width, k, seed, metadata), {"random_init": {"seed": seed}}
+    elif settings["pretrained"] and kind == "sequence":
         sae = load_pretrained(settings["pretrained"], device)
         if sae.cfg.d_in != d_in:
             raise SarmError(f"config key sae.pretrained: the SAE reads {sae.cfg.d_in}-dim inputs, the model layer has {d_in}")
@@ -252,6 +268,7 @@ def prepare_sae(
             checkpoint_root=checkpoint_root, n_checkpoints=settings["n_checkpoints"],
         )
         source = {"trained": {key: settings[key] for key in ("training_samples", "batch_size", "lr", "include_final_token")}}
+        source["trained"]["corpus"] = {"sequence": "sentence-final states", "token": "sampled token states"}[kind]
     seconds = time.perf_counter() - start
     return sae, source, seconds
 

@@ -1,5 +1,5 @@
-# Best-of-N, judged offline: the candidates of a best-of-N file are cached once, scored by every trained
-# reward model from that one cache, and each model's pick is judged by the file's win probabilities.
+# Best-of-N, judged offline: the candidates of a best-of-N file are cached once, scored by every frozen-backbone
+# reward model from that one cache (tuned models have backbones of their own), and each model's pick is judged by the file's win probabilities.
 
 
 if "bon" in EVAL_TABLES:
@@ -44,13 +44,13 @@ rule cache_bon:
 
 rule bon_scores:
     input:
-        models=expand(f"{RESULTS}/reward/{{rm}}", rm=TRAINED_MODELS),
+        models=expand(f"{RESULTS}/reward/{{rm}}", rm=FROZEN),
         activations=f"{ACT}/bon",
         candidates=f"{RESOURCES}/bon/candidates.parquet",
     output:
         f"{RESULTS}/bon/scores.parquet",
     params:
-        models=list(TRAINED_MODELS),
+        models=FROZEN,
     threads: 2
     log:
         "logs/bon/scores.log",
@@ -67,7 +67,7 @@ rule bon_report:
         curve=expand(f"{RESULTS}/tables/bon_curve.{{ext}}", ext=["md", "csv"]),
         figure=report(f"{RESULTS}/figures/bon_curve.png", caption="../report/bon.rst", category="Best-of-N"),
     params:
-        models=list(TRAINED_MODELS),
+        models=FROZEN,
         draws=config["bon"]["curve_draws"],
         seed=config["seed"],
     log:

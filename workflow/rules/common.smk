@@ -5,14 +5,15 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from sarm.config import check
+from sarm.config import check, reward_model_specs
 from sarm.errors import SarmError
 
 try:
     check(config, workflow.source_path("../schemas/config.schema.yaml"))  # one line naming the key
+    REWARD_MODELS = reward_model_specs(config)  # name -> {features, mode, sae, topk, recon_weight}
+    validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
 except SarmError as err:
     raise WorkflowError(str(err)) from None
-validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
 
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]
@@ -21,7 +22,10 @@ LAYER = config["model"]["layer"]
 MODEL_DIR = f"{RESOURCES}/models/{MODEL}"
 ACT = f"{RESULTS}/activations/{MODEL}-L{LAYER}"
 SAE = f"{MODEL}-L{LAYER}"
-TRAINED_MODELS = {"sarm": "sae", "dense": "hidden"}  # reward model -> the features its head reads
+TRAINED_MODELS = REWARD_MODELS
+FROZEN = [name for name, spec in REWARD_MODELS.items() if spec["mode"] == "frozen"]  # heads on cached features
+TUNED = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "frozen"]  # trained on token ids
+SAE_KINDS = sorted({spec["sae"] for spec in REWARD_MODELS.values() if spec["sae"]} | {"sequence"})
 BASELINES = ["length"]
 EVAL_TABLES = ["val", *config["eval"]["datasets"]]
 USES_GPU = config["device"] != "cpu"
@@ -58,6 +62,7 @@ wildcard_constraints:
     dataset=_alternatives(config["datasets"]),
     table=_alternatives(["train", *EVAL_TABLES]),
     rm=_alternatives(TRAINED_MODELS),
+    sae_kind=_alternatives(["token", "random"]),
 
 
 def get_final_output():
@@ -66,15 +71,17 @@ def get_final_output():
         *expand(f"{RESULTS}/tables/sae_metrics.{{ext}}", ext=["md", "csv"]),
         f"{RESULTS}/figures/accuracy.png",
         f"{RESULTS}/provenance.json",
+        *paper_table_outputs(),  # workflow/rules/tables.smk
         *bon_outputs(),
         *explain_outputs(),
+        *ablation_outputs(),
     ]
 
 
 def bon_outputs():
     """Best-of-N tables and curve, when config key bon.path names a best-of-N file."""
-    if not config["bon"]["path"]:
-        return []
+    if not config["bon"]["path"] or not FROZEN:
+        return []  # best-of-N scores candidates from one cache: frozen-backbone models only
     return [
         *expand(f"{RESULTS}/tables/bon_{{name}}.{{ext}}", name=["winrate", "curve"], ext=["md", "csv"]),
         f"{RESULTS}/figures/bon_curve.png",
@@ -106,10 +113,39 @@ def eval_dataset_file(wildcards):
     return f"{RESOURCES}/data/{wildcards.table}.parquet"
 
 
+def _alternatives_or_none(names):
+    return _alternatives(names) if names else "(?!)"  # a pattern that matches nothing
+
+
+def sae_folder(kind):
+    """The SAE of a kind: the sequence-level one, or an ablation's (token-level, random-init)."""
+    return f"{RESULTS}/sae/{SAE}" if kind == "sequence" else f"{RESULTS}/sae/{SAE}-{kind}"
+
+
 def reward_inputs(wildcards):
-    inputs = {"model": MODEL_DIR, "train": f"{ACT}/train", "val": f"{ACT}/val"}
-    if TRAINED_MODELS[wildcards.rm] == "sae":
-        inputs["sae"] = f"{RESULTS}/sae/{SAE}/model"
+    """Frozen heads read cached features; tuned models read the pair tables (and the SAE they keep)."""
+    spec = REWARD_MODELS[wildcards.rm]
+    if spec["mode"] == "frozen":
+        inputs = {"model": MODEL_DIR, "train": f"{ACT}/train", "val": f"{ACT}/val"}
+    else:
+        inputs = {"model": MODEL_DIR, "train": f"{RESOURCES}/tables/train.parquet", "val": f"{RESOURCES}/tables/val.parquet"}
+    if spec["features"] == "sae" and spec["mode"] != "full_depth":
+        inputs["sae"] = f"{sae_folder(spec['sae'])}/model"
+    return inputs
+
+
+def eval_inputs(wildcards):
+    """A frozen model is scored from the cached states of the table; a tuned one from its text."""
+    inputs = {"model": f"{RESULTS}/reward/{wildcards.rm}", "pairs": f"{RESOURCES}/tables/{wildcards.table}.parquet"}
+    if REWARD_MODELS[wildcards.rm]["mode"] == "frozen":
+        inputs["activations"] = f"{ACT}/{wildcards.table}"
+    return inputs
+
+
+def sae_variant_inputs(wildcards):
+    """The token-level SAE trains on sampled token states; the random-init one reads only the held-out set."""
+    inputs = {"val": f"{ACT}/val"}
+    inputs["train"] = f"{ACT}/tokens/train" if wildcards.sae_kind == "token" else f"{ACT}/train"
     return inputs
 
 
@@ -154,8 +190,9 @@ def runtime_for(rule):
 
 
 def gpus_for(rule):
-    """GPUs of a job of `rule`: 1 on the GPU rules unless device is cpu (all of them are single-GPU today)."""
-    return 1 if _cluster.uses_gpu(rule, config) else 0
+    """GPUs of a job of `rule`: none when device is cpu; config finetune.gpus for fine-tuning; else 1 on the
+    GPU rules (evaluation only for a tuned model, which it scores from text)."""
+    return lambda wildcards, attempt: _estimate(rule, wildcards, attempt)["gpu"]
 
 
 onstart:

@@ -9,6 +9,10 @@ SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or c
 
 
 def explain_outputs():
+    """Cards, attributions and the preference shift of the reward model named `sarm` (a frozen SAE head)."""
+    sarm = REWARD_MODELS.get("sarm")
+    if not sarm or sarm["mode"] != "frozen" or sarm["features"] != "sae":
+        return []
     outputs = [
         *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
         f"{EXPLAIN}/cards.html",

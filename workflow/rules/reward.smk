@@ -1,5 +1,6 @@
-# Reward heads (Bradley-Terry, zero-init, no bias) on cached features: SARM on SAE latents, the dense
-# baseline on the standardised hidden state.
+# Reward models (Bradley-Terry). Frozen mode: a head (zero-init, no bias) on cached features, SAE latents for
+# SARM, the standardised hidden state for the dense baseline. Tuned modes (finetune, joint, full_depth): trained
+# end to end on token ids with transformers' Trainer, on as many GPUs of one node as config finetune.gpus says.
 
 
 rule train_reward:
@@ -7,8 +8,10 @@ rule train_reward:
         unpack(reward_inputs),
     output:
         directory(f"{RESULTS}/reward/{{rm}}"),
+    wildcard_constraints:
+        rm=_alternatives_or_none(FROZEN),
     params:
-        features=lambda wildcards: TRAINED_MODELS[wildcards.rm],
+        spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
         reward=config["reward"],
         model=config["model"],
         seed=config["seed"],
@@ -22,3 +25,29 @@ rule train_reward:
         "logs/benchmarks/train_reward/{rm}.tsv"
     script:
         "../scripts/train_reward.py"
+
+
+rule finetune_reward:
+    input:
+        unpack(reward_inputs),
+    output:
+        directory(f"{RESULTS}/reward/{{rm}}"),
+    wildcard_constraints:
+        rm=_alternatives_or_none(TUNED),
+    params:
+        spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
+        finetune=config["finetune"],
+        model=config["model"],
+        device=config["device"],
+        seed=config["seed"],
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for("finetune_reward"),
+        runtime=runtime_for("finetune_reward"),
+        gpu=gpus_for("finetune_reward"),
+    log:
+        "logs/finetune_reward/{rm}.log",
+    benchmark:
+        "logs/benchmarks/finetune_reward/{rm}.tsv"
+    script:
+        "../scripts/finetune_reward.py"

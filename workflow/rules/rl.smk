@@ -9,8 +9,9 @@ RL_TRAIN_KEYS = [
     "steps", "prompts_per_step", "num_generations", "max_completion_length", "learning_rate", "beta",
     "temperature", "lora", "use_vllm", "gradient_checkpointing",
 ]
-if RL["reward"] not in TRAINED_MODELS:
-    raise WorkflowError(f"config key rl.reward: {RL['reward']!r} is not a trained reward model ({', '.join(TRAINED_MODELS)})")
+RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "full_depth"]  # RewardModel folders
+if RL["reward"] not in RL_JUDGES:
+    raise WorkflowError(f"config key rl.reward: {RL['reward']!r} is not a trained SARM or dense-head reward model ({', '.join(RL_JUDGES)})")
 
 RL_OUTPUT = [
     *expand(f"{RL_DIR}/tables/{{table}}.{{ext}}", table=["before_after", "audit"], ext=["md", "csv"]),
@@ -73,14 +74,14 @@ rule rl_evaluate:
     input:
         prompts=f"{RL_DIR}/prompts.parquet",
         trained=f"{RL_DIR}/policy",
-        judges=expand(f"{RESULTS}/reward/{{rm}}", rm=TRAINED_MODELS),
+        judges=expand(f"{RESULTS}/reward/{{rm}}", rm=RL_JUDGES),
         policy=RL_POLICY_INPUT,
     output:
         completions=f"{RL_DIR}/eval/completions.parquet",
         contributions=f"{RL_DIR}/eval/contributions.parquet",
     params:
         initial=RL_POLICY,
-        judges=list(TRAINED_MODELS),
+        judges=RL_JUDGES,
         audited=RL["reward"],
         max_new_tokens=RL["max_completion_length"],
         batch_size=RL["eval_batch_size"],
@@ -108,7 +109,7 @@ rule rl_tables:
         audit=multiext(f"{RL_DIR}/tables/audit", ".md", ".csv"),
         curves=report(f"{RL_DIR}/figures/curves.png", caption="../report/rl_curves.rst", category="RL"),
     params:
-        judges=list(TRAINED_MODELS),
+        judges=RL_JUDGES,
         reward=RL["reward"],
         audit_features=RL["audit_features"],
     log:

@@ -25,3 +25,29 @@ rule sae:
         f"logs/benchmarks/sae/{SAE}.tsv"
     script:
         "../scripts/train_sae.py"
+
+
+rule sae_variant:
+    """The ablations' SAEs: token-level (trained on sampled token states) and random-init (never trained)."""
+    input:
+        unpack(sae_variant_inputs),
+    output:
+        model=directory(f"{RESULTS}/sae/{SAE}-{{sae_kind}}/model"),
+        metrics=f"{RESULTS}/sae/{SAE}-{{sae_kind}}/metrics.json",
+    params:
+        sae=sae_settings(),
+        device=config["device"],
+        seed=config["seed"],
+        layer=LAYER,
+        model=MODEL,
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for("sae"),
+        runtime=runtime_for("sae"),
+        gpu=gpus_for("sae"),
+    log:
+        f"logs/sae/{SAE}-{{sae_kind}}.log",
+    benchmark:
+        f"logs/benchmarks/sae/{SAE}-{{sae_kind}}.tsv"
+    script:
+        "../scripts/train_sae.py"

@@ -36,3 +36,59 @@ rule provenance:
         "logs/provenance.log",
     script:
         "../scripts/provenance.py"
+
+
+# The paper's Table 1 (RewardBench 2) and Table 2 (ablations): published rows beside reproduced ones, each row
+# naming the data set it was measured on; rows measured on local sets get tables of their own.
+PAPER_TABLES = ["table1_rewardbench2", "table1_rewardbench_v1", "table1_local", "table2_ablations", "table2_ablations_local"]
+
+
+def paper_table_outputs():
+    return [
+        *expand(f"{RESULTS}/tables/{{name}}.{{ext}}", name=PAPER_TABLES, ext=["md", "csv"]),
+        f"{RESULTS}/figures/paper_tables.png",
+    ]
+
+
+def paper_reference_folder():
+    """Config key paper_tables.reference (published leaderboards); a relative path is relative to the repository,
+    so that the default finds ../shared/data from any working directory. None: no leaderboard rows."""
+    folder = config["paper_tables"]["reference"]
+    return os.path.join(workflow.basedir, folder) if folder else None
+
+
+def paper_reference(wildcards):
+    folder = paper_reference_folder()
+    if not folder:
+        return {}
+    return {name: f"{folder}/{name}_leaderboard.csv" for name in ("rewardbench2", "rewardbench_v1")}
+
+
+rule paper_tables:
+    input:
+        unpack(paper_reference),
+        summaries=expand(
+            f"{RESULTS}/eval/{{model}}/{{table}}/summary.json",
+            model=[*TRAINED_MODELS, *BASELINES],
+            table=EVAL_TABLES,
+        ),
+    output:
+        tables=expand(f"{RESULTS}/tables/{{name}}.{{ext}}", name=PAPER_TABLES, ext=["md", "csv"]),
+        figure=report(
+            f"{RESULTS}/figures/paper_tables.png",
+            caption="../report/paper_tables.rst",
+            category="Accuracy",
+        ),
+    params:
+        models=[*TRAINED_MODELS, *BASELINES],
+        tables=EVAL_TABLES,
+        names=PAPER_TABLES,
+        # name -> spec (features, mode, sae, topk): which reward model is which ablation row of Table 2
+        reward_models=REWARD_MODELS,
+        reference=paper_reference_folder(),
+        leaderboard_models=config["paper_tables"]["leaderboard_models"],
+        backbone=MODEL,
+    log:
+        "logs/paper_tables.log",
+    script:
+        "../scripts/paper_tables.py"

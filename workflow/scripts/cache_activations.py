@@ -12,6 +12,7 @@ def main(snakemake):
     info = cache_activations(
         model, tokenizer, read_pairs(snakemake.input.pairs), snakemake.output[0], spec["max_length"], spec["batch_size"],
         device, with_sentences=snakemake.params.with_sentences, meta=meta,
+        corpus=snakemake.params.get("corpus", "sentence"),
     )
     logging.info("cached %s", info)
 

@@ -10,12 +10,12 @@ from sarm.workflow import run_script
 
 def main(snakemake):
     p, rm = snakemake.params, snakemake.wildcards.rm
-    sae = load_sae(snakemake.input.sae) if p.features == "sae" else None
+    sae = load_sae(snakemake.input.sae) if p.spec["features"] == "sae" else None
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
     resume_root = f"{snakemake.output[0]}.checkpoints"  # kept by Snakemake when the job dies
-    with wandb_run(snakemake.config, "train_reward", rm, {"features": p.features, **p.reward}) as run:
+    with wandb_run(snakemake.config, "train_reward", rm, {**p.spec, **p.reward}) as run:
         model, history = fit_reward_model(
-            p.features, train, val, snakemake.input.model, p.model, p.reward, sae, p.seed,
+            p.spec, train, val, snakemake.input.model, p.model, p.reward, sae, p.seed,
             log=run.log if run is not None else None, checkpoint_root=resume_root,
         )
     model.save_pretrained(snakemake.output[0])

@@ -10,13 +10,15 @@ from sarm.workflow import run_script
 
 def main(snakemake):
     p = snakemake.params
+    kind = snakemake.wildcards.get("sae_kind", "sequence")
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
     device = models.resolve_device(p.device)
     metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
-    with wandb_run(snakemake.config, "sae", f"sae-{p.model}-L{p.layer}", dict(p.sae)) as run:
+    name = f"sae-{p.model}-L{p.layer}" + ("" if kind == "sequence" else f"-{kind}")
+    with wandb_run(snakemake.config, "sae", name, {**p.sae, "kind": kind}) as run:
         resume_root = f"{snakemake.output.model}.checkpoints"  # kept by Snakemake when the job dies
         settings = {**p.sae, "n_checkpoints": snakemake.config["sae"]["n_checkpoints"]}
-        sae, source, seconds = prepare_sae(settings, train, device, p.seed, metadata, run is not None, resume_root)
+        sae, source, seconds = prepare_sae(settings, train, device, p.seed, metadata, run is not None, resume_root, kind)
         save_sae(sae, snakemake.output.model)
         checkpoints.remove(resume_root)
         saved = load_sae(snakemake.output.model)  # measure what later rules will load
@@ -24,6 +26,7 @@ def main(snakemake):
             "width": saved.cfg.d_sae,
             "k": getattr(saved.cfg, "k", None),
             "d_in": saved.cfg.d_in,
+            "kind": kind,
             **source,
             "seconds": round(seconds, 1),
             **measure(saved, val),

@@ -1,0 +1,98 @@
+"""Do the paper's orderings hold here? Each claim compares two reward models that differ in one respect, on the
+same pairs, with a paired, category-stratified bootstrap interval on the score difference.
+
+The models of a comparison are found by their config spec (features, mode, sae, topk), not by their names, so
+any config that trains the two variants gets the comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sarm.rewardbench import pair_correct
+
+# (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
+CLAIMS: list[tuple[str, dict, dict]] = [
+    ("trained SAE encoder > random-init encoder (Table 2)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "random", "topk": True}),
+    ("sequence-level SAE > token-level SAE (Table 2)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "token", "topk": True}),
+    ("SARM head >= dense head on the same layer", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "hidden"}),
+    ("fine-tuned > frozen backbone (the paper fine-tunes)", {"mode": "finetune"}, {"mode": "frozen"}),
+    ("TopK on >= off (the paper keeps TopK; its public recipe turns it off)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "sequence", "topk": False}),
+    ("SARM (truncated at L) >= a full-depth BT reward model (Table 1: SARM-4B above Skywork-8B)", {"features": "sae", "sae": "sequence", "topk": True}, {"mode": "full_depth"}),
+]
+COLUMNS = ["claim", "table", "winner_by_paper", "loser_by_paper", "score_winner", "score_loser", "difference",
+           "ci_low", "ci_high", "verdict"]
+
+
+def _matches(spec: dict, pattern: dict) -> bool:
+    return all(spec.get(key) == value for key, value in pattern.items())
+
+
+def comparisons(specs: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(claim, winner, loser) for every pair of trained models that a claim compares. The two must be trained
+    the same way unless the claim is about the training mode; a mode claim between SAE/dense heads keeps the
+    head's features fixed (a full-depth model has none to keep)."""
+    out = []
+    for claim, win, lose in CLAIMS:
+        about_mode = "mode" in win or "mode" in lose
+        for a, spec_a in specs.items():
+            for b, spec_b in specs.items():
+                if a == b or not (_matches(spec_a, win) and _matches(spec_b, lose)):
+                    continue
+                if not about_mode and spec_a["mode"] != spec_b["mode"]:
+                    continue
+                if about_mode and "full_depth" not in (spec_a["mode"], spec_b["mode"]) and not _same_head(spec_a, spec_b):
+                    continue
+                out.append((claim, a, b))
+    return out
+
+
+def _same_head(a: dict, b: dict) -> bool:
+    return all(a.get(key) == b.get(key) for key in ("features", "sae", "topk"))
+
+
+def category_mean_accuracy(correct: np.ndarray, categories: np.ndarray) -> float:
+    """The tables' overall score: the mean over categories of each category's pair accuracy."""
+    return float(np.mean([correct[categories == c].mean() for c in np.unique(categories)]))
+
+
+def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, categories: np.ndarray, draws: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95 % interval of score(a) - score(b), resampling pairs within each category (the same draw for both)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(categories == c) for c in np.unique(categories)]
+    diffs = np.empty(draws)
+    for i in range(draws):
+        picks = [rng.choice(g, size=len(g)) for g in groups]
+        diffs[i] = np.mean([correct_a[p].mean() - correct_b[p].mean() for p in picks])
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def verdict(difference: float, low: float, high: float) -> str:
+    if low > 0:
+        return "holds"
+    if high < 0:
+        return "reversed"
+    return "holds (within noise)" if difference > 0 else "tie" if difference == 0 else "reversed (within noise)"
+
+
+def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict[str, dict], draws: int = 2000) -> pd.DataFrame:
+    """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table."""
+    rows = []
+    for claim, win, lose in comparisons(specs):
+        for table in scores[win]:
+            a, b = scores[win][table], scores[lose][table]
+            if a["id"].tolist() != b["id"].tolist():
+                raise ValueError(f"{win} and {lose} were scored on different pairs of {table}")
+            categories = a["category"].to_numpy()
+            correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
+            correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
+            score_a, score_b = category_mean_accuracy(correct_a, categories), category_mean_accuracy(correct_b, categories)
+            low, high = paired_bootstrap(correct_a, correct_b, categories, draws)
+            rows.append({
+                "claim": claim, "table": table, "winner_by_paper": win, "loser_by_paper": lose,
+                "score_winner": 100 * score_a, "score_loser": 100 * score_b, "difference": 100 * (score_a - score_b),
+                "ci_low": 100 * low, "ci_high": 100 * high, "verdict": verdict(score_a - score_b, low, high),
+            })
+    return pd.DataFrame(rows, columns=COLUMNS).round(1)

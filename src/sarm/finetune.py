@@ -1,0 +1,464 @@
+"""Reward models trained end to end on token ids, with transformers' Trainer (bf16, gradient checkpointing,
+cosine schedule with warm-up, gradient accumulation to a global batch; multi-GPU through accelerate/torchrun).
+
+Modes (config key `reward_models.<name>.mode`):
+- `finetune` (the paper): layers 1..L and the head train, the SAE stays frozen;
+- `joint` (the public recipe): the SAE trains too, with loss BT + recon_weight x normalised reconstruction MSE;
+- `full_depth`: a conventional reward model, AutoModelForSequenceClassification (all layers, final norm,
+  a 1-output score head) trained with the same BT loss.
+`features: hidden` in `finetune` mode is the dense baseline: the head reads the standardised hidden state.
+Every model reads its reward at the final token of the chat-templated prompt + response, as the cached path does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+from sarm import activations, models
+from sarm.errors import SarmError
+from sarm.reward import CONFIG_FILE, RewardModel, bt_loss, model_config, set_topk
+
+log = logging.getLogger(__name__)
+
+TUNED_MODES = ("finetune", "joint", "full_depth")
+BACKBONE_DIR = "backbone"
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight + gradient + two Adam moments
+
+
+# --- data: tokenised pairs, padded per batch ---
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Token ids of each pair's chosen and rejected conversation, tokenised as the cached path tokenises them."""
+
+    def __init__(self, tokenizer, pairs: pd.DataFrame, max_length: int):
+        self.items = [
+            (
+                activations.encode(tokenizer, row.prompt, row.chosen, max_length).input_ids,
+                activations.encode(tokenizer, row.prompt, row.rejected, max_length).input_ids,
+            )
+            for row in pairs.itertuples(index=False)
+        ]
+        self.n_tokens = int(sum(len(c) + len(r) for c, r in self.items))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"chosen": self.items[i][0], "rejected": self.items[i][1]}
+
+
+class PairCollator:
+    """Right-pads a batch of pairs into one [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
+        ids, mask = _pad(sequences, self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pad(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _final_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each right-padded sequence's last real token."""
+    last = attention_mask.sum(-1) - 1
+    return hidden[torch.arange(len(hidden), device=hidden.device), last]
+
+
+# --- the trainable models ---
+
+
+class SarmForReward(nn.Module):
+    """Truncated LM (layers 1..L) -> standardise -> SAE latents (or the hidden state) -> head, no bias."""
+
+    def __init__(self, backbone, head_size: int, sae=None, train_sae: bool = False, recon_weight: float = 0.0):
+        super().__init__()
+        self.backbone, self.sae, self.recon_weight = backbone, sae, recon_weight
+        self.head = nn.Linear(head_size, 1, bias=False)
+        nn.init.zeros_(self.head.weight)
+        self.backbone.requires_grad_(True)
+        if sae is not None:
+            sae.requires_grad_(train_sae)
+
+    def activation_checkpointing_enable(self, **kwargs):
+        self.backbone.activation_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        x = activations.standardize(_final_states(hidden, attention_mask))
+        if self.sae is None:
+            features, recon = x, None
+        else:
+            features = self.sae.encode(x.to(self.sae.W_enc.dtype)).float()
+            recon = _normalised_mse(self.sae.decode(features.to(self.sae.W_enc.dtype)).float(), x) if self.recon_weight else None
+        rewards = self.head(features).squeeze(-1)
+        return _bt_outputs(rewards, recon, self.recon_weight)
+
+
+class ClassifierForReward(nn.Module):
+    """A full-depth AutoModelForSequenceClassification whose score is read at the final real token."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def activation_checkpointing_enable(self, **kwargs):
+        self.classifier.activation_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids, attention_mask):
+        return _bt_outputs(classifier_rewards(self.classifier, input_ids, attention_mask), None, 0.0)
+
+
+def classifier_rewards(classifier, input_ids, attention_mask) -> torch.Tensor:
+    """Rewards of a sequence classifier at the last real token (HF locates it by pad id, which breaks when the
+    pad token is the end-of-turn token the reward is read at, as in SmolLM2)."""
+    base = getattr(classifier, classifier.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return classifier.score(_final_states(hidden, attention_mask)).squeeze(-1).float()
+
+
+def _normalised_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||x_hat - x||^2 / ||x||^2 over the batch: the final-token states of one batch are too alike (one chat
+    template token) for the batch variance to be a stable denominator."""
+    return ((x_hat - x) ** 2).sum() / (x**2).sum().clamp_min(1e-6)
+
+
+def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float) -> dict:
+    half = len(rewards) // 2
+    loss = bt_loss(rewards[:half], rewards[half:])
+    if recon is not None:
+        loss = loss + recon_weight * recon
+    return {"loss": loss, "rewards": rewards.detach()}
+
+
+# --- training ---
+
+
+class _BTTrainer(Trainer):
+    """Trainer with a separate learning rate for the head (zero-initialised, it needs a larger one on short runs)."""
+
+    head_lr: float | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            head = [p for n, p in named if n.startswith("head.") or n.startswith("classifier.score.")]
+            rest = [p for n, p in named if not (n.startswith("head.") or n.startswith("classifier.score."))]
+            groups = [{"params": rest, "lr": self.args.learning_rate}]
+            groups.append({"params": head, "lr": self.head_lr or self.args.learning_rate})
+            self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            outputs = model(**self._prepare_inputs(inputs))
+        rewards = outputs["rewards"]
+        half = len(rewards) // 2
+        # predictions [pairs, 2] = (chosen, rejected); Trainer computes metrics only when labels exist
+        return outputs["loss"].detach(), torch.stack([rewards[:half], rewards[half:]], 1), torch.ones(half)
+
+
+def _pair_accuracy(prediction) -> dict:
+    """Validation pair accuracy from the [pairs, 2] (chosen, rejected) rewards of `prediction_step`."""
+    rewards = np.asarray(prediction.predictions)
+    return {"accuracy": float((rewards[:, 0] > rewards[:, 1]).mean())}
+
+
+class _History(TrainerCallback):
+    """Keeps the Trainer's log lines (loss, learning rate, eval accuracy) and forwards them, e.g. to wandb."""
+
+    def __init__(self, log=None):
+        self.rows, self.log = [], log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            self.rows.append(row)
+            if self.log:
+                self.log(row)
+
+
+def estimate_memory_mb(n_params: int, n_trainable: int, batch_tokens: int, hidden_size: int, n_layers: int, on_gpu: bool) -> int:
+    """Peak memory of a training step: weights (bf16 on GPU, fp32 on CPU), fp32 grads + Adam for trainable
+    parameters, and checkpointed activations (one [tokens, hidden] per layer plus one layer's working set)."""
+    weights = n_params * (2 if on_gpu else 4)
+    states = n_trainable * ADAM_BYTES_PER_PARAM
+    acts = batch_tokens * hidden_size * 4 * (n_layers + 16)
+    return int((weights + states + acts) / 2**20 * 1.2)
+
+
+def check_fits(estimate_mb: int, available_mb: int | None, where: str) -> None:
+    if available_mb and estimate_mb > available_mb:
+        raise SarmError(
+            f"fine-tuning needs about {estimate_mb:,} MB on the {where} but {available_mb:,} MB are declared; "
+            "lower reward.per_device_batch_size or model.max_length, or give the rule more memory (resources mem_mb / a larger GPU)"
+        )
+
+
+def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: int, device: str, seed: int) -> TrainingArguments:
+    """The paper's recipe: bf16, cosine with 3 % warm-up, gradient accumulation to the global batch."""
+    per_device = min(settings["per_device_batch_size"], settings["global_batch_size"])
+    accumulation = max(1, settings["global_batch_size"] // (per_device * world_size))
+    bf16 = models.resolve_dtype(settings["dtype"], device) == torch.bfloat16
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=settings["epochs"],
+        learning_rate=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        lr_scheduler_type="cosine",
+        warmup_steps=settings["warmup_ratio"],
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        activation_checkpointing=settings["gradient_checkpointing"],
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_steps=max(1, math.ceil(n_train / (per_device * accumulation * world_size) / 20)),
+        remove_unused_columns=False,
+        report_to=[],
+        seed=seed,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def finetune_reward_model(
+    spec: dict, settings: dict, model_dir: str | Path, model_spec: dict, train: pd.DataFrame, val: pd.DataFrame,
+    out_dir: str | Path, sae=None, device: str = "auto", seed: int = 0, available_mb: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> tuple[Path, pd.DataFrame]:
+    """Train one reward model of `spec` (mode finetune | joint | full_depth) and save it as a reward-model folder
+    that `load_reward_model` reads. A job killed mid-run resumes from the Trainer's last epoch checkpoint
+    (kept in `<out_dir>.checkpoints`). Returns the folder and the training log."""
+    out_dir = Path(out_dir)
+    device = models.resolve_device(device)
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    tokenizer = models.load_tokenizer(model_dir, model_spec.get("chat_template"), model_spec.get("trust_remote_code", False))
+    torch.manual_seed(seed)
+    model = _build(spec, model_dir, model_spec, sae, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_set = PairDataset(tokenizer, train, model_spec["max_length"])
+    val_set = PairDataset(tokenizer, val, model_spec["max_length"])
+    config = _backbone_config(model)
+    per_step_tokens = 2 * settings["per_device_batch_size"] * model_spec["max_length"]
+    estimate = estimate_memory_mb(n_params, n_trainable, per_step_tokens, config.hidden_size, config.num_hidden_layers, device != "cpu")
+    if device != "cpu":
+        available_mb = torch.cuda.get_device_properties(torch.device(device)).total_memory // 2**20
+    check_fits(estimate, available_mb, "GPU" if device != "cpu" else "host")
+    log.info("%s: %s parameters (%s trained), about %s MB at batch %d x %d tokens", spec["mode"], f"{n_params:,}",
+             f"{n_trainable:,}", f"{estimate:,}", settings["per_device_batch_size"], model_spec["max_length"])
+
+    checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
+    args = training_arguments(settings, checkpoint_dir, len(train_set), world_size, device, seed)
+    history = _History(on_log)
+    trainer = _BTTrainer(
+        model=model.to(device), args=args, train_dataset=train_set, eval_dataset=val_set,
+        data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=_pair_accuracy,
+        callbacks=[history],
+    )
+    trainer.head_lr = settings.get("head_lr")
+    resume = any(checkpoint_dir.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    metrics = trainer.evaluate()
+    speed = {
+        "train_seconds": round(result.metrics["train_runtime"], 1),
+        "sequences_per_second": round(2 * len(train_set) * settings["epochs"] / result.metrics["train_runtime"], 3),
+        "tokens_per_second": round(train_set.n_tokens * settings["epochs"] / result.metrics["train_runtime"], 1),
+        "resumed": resume,
+    }
+    if trainer.is_world_process_zero():
+        _save(trainer.model, spec, settings, model_dir, model_spec, tokenizer, out_dir, seed,
+              {"val_accuracy": metrics["eval_accuracy"], "val_loss": metrics["eval_loss"], **speed, "memory_estimate_mb": estimate})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return out_dir, pd.DataFrame(history.rows)
+
+
+def _build(spec, model_dir, model_spec, sae, tokenizer) -> nn.Module:
+    trust = model_spec.get("trust_remote_code", False)
+    if spec["mode"] == "full_depth":
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=torch.float32, trust_remote_code=trust, use_safetensors=True
+        )
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+        return ClassifierForReward(classifier)
+    backbone = models.load_truncated(model_dir, model_spec["layer"], torch.float32, "cpu", trust)
+    backbone.train()
+    if spec["features"] == "hidden":
+        return SarmForReward(backbone, backbone.config.hidden_size)
+    if sae is None:
+        raise SarmError(f"reward model mode {spec['mode']} with features sae needs an SAE")
+    sae = copy.deepcopy(sae).float()  # the caller's SAE stays as it was
+    set_topk(sae, spec["topk"])
+    joint = spec["mode"] == "joint"
+    return SarmForReward(backbone, sae.cfg.d_sae, sae, train_sae=joint, recon_weight=spec["recon_weight"] if joint else 0.0)
+
+
+def _backbone_config(model):
+    return model.classifier.config if isinstance(model, ClassifierForReward) else model.backbone.config
+
+
+def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    training = {"mode": spec["mode"], **settings, "seed": seed, **results}
+    if isinstance(model, ClassifierForReward):
+        model.classifier.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config = {
+            "format": "hf-sequence-classifier",
+            "version": 1,
+            "base_model": {**_base(model_spec, model_dir), "path": "."},
+            "read_at": "final token of the chat-templated prompt + response (not HF's pad-id lookup)",
+            "training": training,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    else:
+        model.backbone.save_pretrained(tmp / BACKBONE_DIR)
+        tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+        head = model.head.weight.detach().float().reshape(-1).cpu()
+        sae = model.sae
+        if sae is not None:
+            set_topk(sae, True)  # saved as trained; the config's `topk` switches it at load time
+        config = model_config(
+            spec, model_spec, model_dir, model.backbone.config.hidden_size, training, base_path=BACKBONE_DIR,
+        )
+        RewardModel(config, head, sae).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def _base(model_spec: dict, model_dir) -> dict:
+    return {
+        "name": model_spec["name"],
+        "source": str(Path(model_dir).resolve()),
+        "hub_id": model_spec.get("hub_id"),
+        "layer": model_spec["layer"],
+        "dtype": model_spec["dtype"],
+        "max_length": model_spec["max_length"],
+        "chat_template": model_spec.get("chat_template"),
+        "trust_remote_code": model_spec.get("trust_remote_code", False),
+    }
+
+
+# --- scoring a full-depth classifier like a RewardModel ---
+
+
+class ClassifierRewardModel:
+    """A trained `full_depth` reward model: scores (prompt, response) text as RewardModel.score does."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        self.config = json.loads((self.path / CONFIG_FILE).read_text())
+        self.device = models.resolve_device(device)
+        self._model = self._tokenizer = None
+
+    def _load(self):
+        base = self.config["base_model"]
+        self._tokenizer = models.load_tokenizer(self.path, base.get("chat_template"), base.get("trust_remote_code", False))
+        dtype = models.resolve_dtype(base["dtype"], self.device)
+        self._model = AutoModelForSequenceClassification.from_pretrained(
+            self.path, dtype=dtype, trust_remote_code=base.get("trust_remote_code", False)
+        ).to(self.device).eval()
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
+        if self._model is None:
+            self._load()
+        max_length = self.config["base_model"]["max_length"]
+        encoded = [activations.encode(self._tokenizer, _messages(p), r, max_length).input_ids for p, r in zip(prompts, responses)]
+        out = np.empty(len(encoded), dtype=np.float64)
+        for batch in activations.length_sorted_batches([len(e) for e in encoded], batch_size):
+            ids, mask = _pad([encoded[i] for i in batch], self._tokenizer.pad_token_id)
+            out[batch] = classifier_rewards(self._model, ids.to(self.device), mask.to(self.device)).cpu().numpy()
+        return out
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def load_reward_model(path: str | Path, device: str = "cpu"):
+    """Any trained reward model folder: a RewardModel (SARM or dense head) or a full-depth classifier."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
+    if json.loads((path / CONFIG_FILE).read_text()).get("format") == "hf-sequence-classifier":
+        return ClassifierRewardModel(path, device)
+    return RewardModel.from_pretrained(path, device)
+
+
+def score_pairs(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
+    """Per-example scores of a pair table from raw text (no cached activations: the backbone was fine-tuned)."""
+    prompts = pairs["prompt"].tolist()
+    chosen = model.score(prompts, pairs["chosen"].tolist(), batch_size)
+    rejected = model.score(prompts, pairs["rejected"].tolist(), batch_size)
+    extra = [c for c in pairs.columns if c not in ("prompt", "chosen", "rejected", "dataset")]
+    return pairs[extra].assign(score_chosen=np.asarray(chosen, float), score_rejected=np.asarray(rejected, float))
+
+
+# --- one job on several GPUs: the rule's script re-launches this module under accelerate ---
+
+
+def write_job(path: str | Path, **arguments) -> Path:
+    """The arguments of `finetune_reward_model` as JSON (pair tables by path), for `python -m sarm.finetune`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(arguments, indent=2, default=str))
+    return path
+
+
+def run_job(path: str | Path) -> None:
+    """Run one fine-tuning job from its JSON (each process of an accelerate launch runs this)."""
+    from sarm.data import read_pairs
+    from sarm.sae import load_sae
+
+    job = json.loads(Path(path).read_text())
+    train = read_pairs(job.pop("train"))
+    if job["settings"]["max_pairs"]:
+        train = train.head(job["settings"]["max_pairs"])
+    val = read_pairs(job.pop("val"))
+    sae = load_sae(job.pop("sae")) if job.get("sae") else job.pop("sae", None)
+    device = job.pop("device")
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+    out, history = finetune_reward_model(
+        job["spec"], job["settings"], job["model_dir"], job["model_spec"], train, val, job["out_dir"], sae, device,
+        job["seed"], job.get("available_mb"),
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        history.to_csv(out / "history.csv", index=False)
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_job(sys.argv[1])

@@ -1,0 +1,154 @@
+"""The tuned training modes (finetune, joint, full_depth) on the tiny Llama and real HH-RLHF pairs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sarm import activations, models
+from sarm.errors import SarmError
+from sarm.finetune import (
+    PairCollator,
+    PairDataset,
+    check_fits,
+    finetune_reward_model,
+    load_reward_model,
+    score_pairs,
+)
+from sarm.reward import RewardModel, set_topk
+from sarm.sae import load_sae, random_sae
+
+MODEL_SPEC = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
+SETTINGS = {
+    "epochs": 2, "lr": 1e-3, "head_lr": 1e-2, "global_batch_size": 4, "per_device_batch_size": 2, "weight_decay": 0.0,
+    "warmup_ratio": 0.03, "gradient_checkpointing": True, "dtype": "float32", "max_pairs": None, "gpus": 1,
+    "eval_batch_size": 4,
+}
+
+
+def _spec(**given):
+    return {"features": "sae", "mode": "finetune", "sae": "sequence", "topk": True, "recon_weight": 1.0, **given}
+
+
+def test_collator_puts_chosen_then_rejected_right_padded(tiny_model_dir, hh_pairs):
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    data = PairDataset(tokenizer, hh_pairs.iloc[:3], 96)
+    batch = PairCollator(tokenizer.pad_token_id)([data[0], data[1], data[2]])
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(data[i]["chosen"]) for i in range(3)] + [len(data[i]["rejected"]) for i in range(3)]
+    # the cached path tokenises the same way: the last real token is the chat template's end of turn
+    encoded = activations.encode(tokenizer, hh_pairs.prompt[1], hh_pairs.chosen[1], 96)
+    assert batch["input_ids"][1, : lengths[1]].tolist() == encoded.input_ids.tolist()
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_model_dir, hh_pairs, trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetuned")
+    sae = load_sae(trained[0] / "rm" / "sae")
+    out, history = finetune_reward_model(
+        _spec(), SETTINGS, tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], root / "rm", sae, "cpu",
+    )
+    return out, history, sae
+
+
+def test_finetune_trains_the_backbone_and_head_and_keeps_the_sae(finetuned, tiny_model_dir):
+    out, history, sae = finetuned
+    config = json.loads((out / "reward_model.json").read_text())
+    assert config["training"]["mode"] == "finetune" and config["base_model"]["path"] == "backbone"
+    assert config["training"]["sequences_per_second"] > 0
+    assert history["loss"].notna().any() and "eval_accuracy" in history.columns
+    model = RewardModel.from_pretrained(out)
+    assert model.weight.abs().sum() > 0  # the zero-initialised head moved
+    tuned = load_file(next((out / "backbone").glob("*.safetensors")))
+    base = models.load_truncated(tiny_model_dir, 2, torch.float32).state_dict()
+    key = "layers.0.mlp.down_proj.weight"
+    assert not torch.equal(tuned[key], base[key])  # layers 1..L trained
+    assert torch.equal(model.sae.W_enc, sae.W_enc)  # the SAE did not
+
+
+def test_finetuned_model_scores_text_with_its_own_backbone(finetuned, hh_pairs):
+    out, _, _ = finetuned
+    model = load_reward_model(out)
+    scores = score_pairs(model, hh_pairs.iloc[8:], batch_size=3)
+    assert list(scores.columns[-2:]) == ["score_chosen", "score_rejected"] and len(scores) == 4
+    # one sequence at a time gives the same rewards as batches (padding never leaks into the reward)
+    one = model.score([hh_pairs.prompt[8]], [hh_pairs.chosen[8]], batch_size=1)
+    assert np.isclose(one[0], scores.score_chosen.iloc[0], atol=1e-4)
+
+
+def test_joint_mode_trains_the_sae_and_topk_off_is_relu(tiny_model_dir, hh_pairs, trained, tmp_path):
+    sae = load_sae(trained[0] / "rm" / "sae")
+    out, _ = finetune_reward_model(
+        _spec(mode="joint", topk=False), {**SETTINGS, "epochs": 1}, tiny_model_dir, MODEL_SPEC,
+        hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path / "rm", sae, "cpu",
+    )
+    model = RewardModel.from_pretrained(out)
+    assert model.config["topk"] is False and model.config["training"]["mode"] == "joint"
+    assert not torch.equal(model.sae.W_enc, sae.W_enc)  # the SAE trained too
+    x = torch.randn(5, 64)
+    dense = model.features(x)
+    assert ((dense > 0).sum(1) > model.sae.cfg.k).all()  # more than k latents fire without TopK
+    set_topk(model.sae, True)
+    assert ((model.sae.encode(x) > 0).sum(1) <= model.sae.cfg.k).all()
+
+
+def test_full_depth_classifier_is_a_standard_hf_folder(tiny_model_dir, hh_pairs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out, _ = finetune_reward_model(
+        {"mode": "full_depth", "features": "hidden", "sae": None, "topk": None}, {**SETTINGS, "epochs": 1},
+        tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path / "rm", None, "cpu",
+    )
+    classifier = AutoModelForSequenceClassification.from_pretrained(out)
+    assert classifier.config.num_hidden_layers == 4 and classifier.config.num_labels == 1
+    scores = load_reward_model(out).score(hh_pairs.prompt[:2].tolist(), hh_pairs.chosen[:2].tolist())
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_a_model_too_large_for_the_declared_memory_fails_before_training():
+    with pytest.raises(SarmError, match="about 90,000 MB on the GPU but 80,000 MB"):
+        check_fits(90_000, 80_000, "GPU")
+    check_fits(1_000, None, "host")  # nothing declared: nothing to check
+
+
+def test_random_sae_is_sae_lens_init_and_reproducible():
+    a, b = random_sae(64, 256, 8, seed=3), random_sae(64, 256, 8, seed=3)
+    assert torch.equal(a.W_enc, b.W_enc) and a.cfg.k == 8
+    assert not torch.equal(a.W_enc, random_sae(64, 256, 8, seed=4).W_enc)
+
+
+def test_token_positions_draw_as_many_positions_as_sentence_ends(tiny_model_dir, hh_pairs):
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    encoded = activations.encode(tokenizer, hh_pairs.prompt[0], hh_pairs.chosen[0], 96)
+    drawn = activations.token_positions(encoded, seed=0)
+    assert len(drawn.sentence_ends) == len(encoded.sentence_ends) > 0
+    assert len(set(drawn.sentence_ends.tolist())) == len(drawn.sentence_ends)  # without replacement
+    assert drawn.sentence_ends.max() < len(encoded.input_ids)
+    assert not np.array_equal(drawn.sentence_ends, encoded.sentence_ends)
+
+
+def test_a_job_file_runs_as_the_module_each_gpu_process_runs(tiny_model_dir, hh_pairs, tmp_path):
+    """What `accelerate launch ... -m sarm.finetune job.json` runs on each GPU, here as one CPU process."""
+    import subprocess
+    import sys
+
+    from sarm.cluster import launch_command
+    from sarm.data import write_pairs
+    from sarm.finetune import write_job
+
+    write_pairs(hh_pairs.iloc[:4], tmp_path / "train.parquet")
+    write_pairs(hh_pairs.iloc[8:10], tmp_path / "val.parquet")
+    job = write_job(
+        tmp_path / "job.json", spec=_spec(features="hidden", sae=None, topk=None), settings={**SETTINGS, "epochs": 1},
+        model_dir=tiny_model_dir, model_spec=MODEL_SPEC, train=tmp_path / "train.parquet", val=tmp_path / "val.parquet",
+        out_dir=tmp_path / "rm", sae=None, device="cpu", seed=0,
+    )
+    command = launch_command("sarm.finetune", [str(job)], 8)
+    assert command.startswith("accelerate launch") and "--num_processes 8" in command and command.endswith(f"-m sarm.finetune {job}")
+    subprocess.run([sys.executable, "-m", "sarm.finetune", str(job)], check=True, capture_output=True)
+    assert (tmp_path / "rm" / "history.csv").exists()
+    assert RewardModel.from_pretrained(tmp_path / "rm").config["features"] == "hidden"

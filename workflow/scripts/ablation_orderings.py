@@ -1,0 +1,24 @@
+import itertools
+from pathlib import Path
+
+import pandas as pd
+
+from sarm.ablations import ordering_table
+from sarm.tables import write_table
+from sarm.workflow import run_script
+
+
+def main(snakemake):
+    p = snakemake.params
+    scores = {model: {} for model in p.models}
+    for (model, table), path in zip(itertools.product(p.models, p.tables), snakemake.input.scores):  # expand order
+        scores[model][table] = pd.read_parquet(path)
+    orderings = ordering_table(scores, dict(p.specs))
+    title = (
+        "Do the paper's orderings hold here? Score = mean of the categories' pair accuracy (%); "
+        "95 % paired bootstrap interval of the difference, pairs resampled within categories"
+    )
+    write_table(orderings, Path(snakemake.output[0]).with_suffix(""), title)
+
+
+run_script(snakemake, main)
