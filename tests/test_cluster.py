@@ -275,3 +275,17 @@ def test_wandb_mode_from_the_environment_and_stable_run_ids(monkeypatch):
     assert first != run_id(config, "train_reward", "sarm", {"lr": 0.02})  # a new setting starts another
     assert first != run_id(config | {"experiment": "f"}, "train_reward", "sarm", {"lr": 0.01})
     assert first != run_id(config, "train_reward", "dense", {"lr": 0.01})
+
+
+def test_best_of_n_and_rl_jobs_are_sized_from_the_experiment(shared_data):
+    default = repo_config("config/config.yaml", shared_data) | {"resources_dir": "none", "finetune": {"gpus": 1}}
+    small = cluster.model_shape(default | {"cluster": {"model_shape": {"params_b": 0.135, "num_hidden_layers": 30, "hidden_size": 576}}})
+    big = cluster.model_shape(yaml.safe_load((REPO / "config/paper/sarm-4b.yaml").read_text()))
+    for rule in ("cache_bon", "rl_train", "rl_evaluate"):
+        table = "bon" if rule == "cache_bon" else None
+        a, b = cluster.estimate(rule, default, small, table), cluster.estimate(rule, default, big, table)
+        assert b["mem_mb"] > a["mem_mb"] and b["gpu_mem_mb"] > a["gpu_mem_mb"], rule
+    # the default's RL run peaked at 5.8 GB on 2 CPU cores: a CPU job asks for more than that
+    assert cluster.estimate("rl_train", default | {"device": "cpu"}, small)["mem_mb"] >= 6000
+    # best-of-N before its candidates table exists: 60 prompts x 16 planned candidates, two sequences a "pair"
+    assert cluster.table_pairs(default, "bon") == 60 * 16 // 2

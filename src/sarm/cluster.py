@@ -42,7 +42,9 @@ BASE_MB = 3000  # python + torch + transformers + sae-lens, measured ~1 GB RSS, 
 UNKNOWN_PAIRS = 100_000  # hub data before its fetch (Skywork-80K is ~77k pairs)
 SENTENCES_PER_SEQUENCE = 20  # sentence-final vectors per cached sequence (HH-RLHF: 15 on average)
 AVG_TOKENS_CAP = 1024  # planned tokens per sequence: min(max_length, this) (HH-RLHF at 384: 194 measured)
-GPU_RULES = {"cache_activations", "cache_bon", "sae", "finetune_reward"}  # rules that use a GPU when device is not cpu
+GPU_RULES = {"cache_activations", "cache_bon", "sae", "finetune_reward", "rl_train", "rl_evaluate"}
+RL_OVERHEAD_MB = 3000  # TRL, peft and generation buffers beyond BASE_MB
+BON_CANDIDATES = 16  # planned candidates per best-of-N prompt before the file is read (AlpacaEval BoN: 16)  # rules that use a GPU when device is not cpu
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,12 @@ def table_pairs(config: dict, table: str) -> int:
             total = min(total, config["train"]["max_pairs"])
         val = max(1, round(total * config["train"]["val_fraction"]))
         return val if table == "val" else total - val
-    if table == "bon":
-        return UNKNOWN_PAIRS // 10
+    if table == "bon":  # candidates, two to a "pair" (sequences = 2 x pairs)
+        built = count_rows(f"{config['resources_dir']}/bon/candidates.parquet")
+        if built is None:
+            prompts = config["bon"]["max_prompts"] or (count_rows(config["bon"]["path"]) if config["bon"]["path"] else None) or 1000
+            built = prompts * BON_CANDIDATES
+        return max(1, built // 2)
     return dataset_pairs(config, table)
 
 
@@ -240,6 +246,27 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
             flops = 2 * n * sequences * min(model["max_length"], AVG_TOKENS_CAP)
             host = BASE_MB + _mb(n * 4 * 1.25)
             gpu_mem = _mb(n * 2 + model["batch_size"] * model["max_length"] * h * 4 * 24) if gpu else 0
+    elif rule in ("rl_train", "rl_evaluate"):
+        rl = config["rl"]
+        policy = shape.params_b * 1e9  # the base model unless rl.policy names another (sized alike)
+        completions = rl["prompts_per_step"] * rl["num_generations"]
+        tokens = completions * (rl["max_completion_length"] + (rl["max_prompt_tokens"] or 512))
+        full = rl["lora"] is None
+        states = policy * (16 if full else 0.02 * 16)  # AdamW on every weight, or on LoRA adapters (~2 %)
+        reference = policy * 2 if rl["beta"] else 0
+        reward = shape.loaded_b * 1e9 * 2
+        if rule == "rl_train":
+            # per step: sampling (2 x params x completion tokens, token by token) + policy update (6 x params x tokens)
+            flops = rl["steps"] * (2 * policy * completions * rl["max_completion_length"] * 4 + 6 * policy * tokens + 2 * reward / 2 * tokens)
+            device_mem = policy * (4 if full else 2) + states + reference + reward
+        else:
+            prompts = rl["heldout"] * 2  # before and after
+            flops = 2 * policy * prompts * rl["max_completion_length"] * 4 + 2 * reward / 2 * prompts * rl["max_completion_length"] * len(config.get("reward_models") or [1, 1])
+            device_mem = policy * 2 + reward
+        act = completions * (rl["max_completion_length"] + 512) * h * 4 * shape.num_hidden_layers
+        # + TRL/peft and generation buffers: the default's rl_train peaked at 5.8 GB on the CPU
+        host = BASE_MB + RL_OVERHEAD_MB + _mb(policy * 4 * 1.25 + (0 if gpu else device_mem + act))
+        gpu_mem = _mb(device_mem + act) if gpu else 0
     elif rule == "evaluate":
         features = width if _spec(config, rm)["features"] == "sae" else h
         sequences = 2 * table_pairs(config, table or "val")

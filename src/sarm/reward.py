@@ -77,7 +77,8 @@ def sae_features(sae, hidden: torch.Tensor, batch_size: int = 1024, sparse: bool
     i.e. one whose cfg has `k`) the same latents as `SparseFeatures`, never holding more than one dense
     chunk of `batch_size` rows (1024 x 65,536 latents: 0.27 GB)."""
     dtype, device = sae.W_enc.dtype, sae.W_enc.device
-    k = getattr(sae.cfg, "k", None) if sparse else None
+    topk_on = isinstance(getattr(sae, "activation_fn", None), TopK)  # not when `set_topk` turned it off
+    k = getattr(sae.cfg, "k", None) if sparse and topk_on else None
     chunks = []
     for start in range(0, len(hidden), batch_size):
         z = sae.encode(hidden[start : start + batch_size].to(device, dtype))
@@ -203,8 +204,9 @@ class RewardModel:
         self._backbone = self._tokenizer = None
 
     # --- features and scores from cached (standardised) hidden states ---
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        return sae_features(self.sae, hidden) if self.config["features"] == "sae" else hidden.float()
+    def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor | SparseFeatures:
+        """The head's inputs; with `sparse`, TopK latents as (indices, values) (dense where TopK is off)."""
+        return sae_features(self.sae, hidden, sparse=sparse) if self.config["features"] == "sae" else hidden.float()
 
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.features(hidden) @ self.weight
@@ -374,7 +376,7 @@ def fit_reward_model(
     if checkpoint_root is not None:
         checkpoint_root = checkpoints.open_root(checkpoint_root, {**config, "train": train.meta, "val": val.meta})
     weight, history = train_head(
-        shell.features(train.final()), shell.features(val.final()),
+        shell.features(train.final(), sparse=True), shell.features(val.final(), sparse=True),
         settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log, checkpoint_root,
     )
     best = history.loc[selected_epoch(history) - 1]

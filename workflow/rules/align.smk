@@ -31,9 +31,9 @@ rule cache_bon:
         device=config["device"],
     threads: 8
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=gpus(),
+        mem_mb=mem_mb_for("cache_bon"),
+        runtime=runtime_for("cache_bon"),
+        gpu=gpus_for("cache_bon"),
     log:
         "logs/cache_activations/bon.log",
     benchmark:

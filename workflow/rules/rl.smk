@@ -59,9 +59,9 @@ rule rl_train:
         seed=config["seed"],
     threads: 8
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=gpus(),
+        mem_mb=mem_mb_for("rl_train"),
+        runtime=runtime_for("rl_train"),
+        gpu=gpus_for("rl_train"),
     log:
         f"logs/rl/{RL['reward']}/train.log",
     benchmark:
@@ -88,9 +88,9 @@ rule rl_evaluate:
         device=config["device"],
     threads: 8
     resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=gpus(),
+        mem_mb=mem_mb_for("rl_evaluate"),
+        runtime=runtime_for("rl_evaluate"),
+        gpu=gpus_for("rl_evaluate"),
     log:
         f"logs/rl/{RL['reward']}/evaluate.log",
     benchmark:

@@ -1,0 +1,103 @@
+"""Every reward-model variant of config/ablations.yaml as one tiny DAG, and the orderings table's statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_workflow import REPO, snakemake, tiny_config
+
+from sarm.ablations import comparisons, ordering_table, paired_bootstrap, verdict
+from sarm.config import reward_model_specs
+from sarm.errors import SarmError
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tiny_model_dir, shared_data, tmp_path_factory):
+    """The tiny model with the ablation config's reward models (all modes and SAE kinds)."""
+    ablations = yaml.safe_load((REPO / "config/ablations.yaml").read_text())
+    # every mode and SAE kind (dense heads, frozen TopK-off: covered by test_finetune and test_workflow)
+    keep = ["sarm", "sarm-random-sae", "sarm-token-sae", "sarm-finetuned", "sarm-joint", "full-depth"]
+    config = tiny_config(tiny_model_dir, shared_data) | {
+        "reward_models": {name: ablations["reward_models"][name] for name in keep},
+        "finetune": {**ablations["finetune"], "max_pairs": 12, "global_batch_size": 4, "per_device_batch_size": 2},
+        "bon": {"path": None},
+        "explain": {"labels": {"judge": "none"}},
+    }
+    workdir = tmp_path_factory.mktemp("ablations")
+    result = snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, config["reward_models"]
+
+
+def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
+    workdir, variants = ablation_run
+    results = workdir / "results"
+    for name in variants:
+        summary = json.loads((results / "eval" / name / "rb-like" / "summary.json").read_text())
+        assert summary["n_pairs"] > 0 and 0 <= summary["accuracy"] <= 1, name
+    configs = {name: json.loads((results / "reward" / name / "reward_model.json").read_text()) for name in variants}
+    assert configs["sarm-finetuned"]["training"]["mode"] == "finetune"
+    assert configs["sarm-joint"]["topk"] is False and configs["full-depth"]["format"] == "hf-sequence-classifier"
+    assert configs["sarm-token-sae"]["sae_kind"] == "token" and configs["sarm-random-sae"]["sae_kind"] == "random"
+    token_sae = json.loads((results / "sae" / "tiny-L2-token" / "metrics.json").read_text())
+    assert token_sae["trained"]["corpus"] == "sampled token states"
+    orderings = pd.read_csv(results / "tables" / "ablation_orderings.csv")
+    claims = set(orderings["claim"].str.split(" \\(").str[0])
+    assert {"trained SAE encoder > random-init encoder", "sequence-level SAE > token-level SAE",
+            "fine-tuned > frozen backbone", "SARM (truncated at L) >= a full-depth BT reward model"} <= claims
+    assert set(orderings["table"]) == {"val", "rb-like"} and orderings["verdict"].notna().all()
+
+
+def test_shared_caches_and_sae(ablation_run):
+    """Variants that share the model, layer or SAE share those outputs: one cache per table, one SAE per kind."""
+    workdir, _ = ablation_run
+    activations = workdir / "results" / "activations" / "tiny-L2"
+    assert sorted(p.name for p in activations.iterdir()) == ["rb-like", "tokens", "train", "val"]
+    assert sorted(p.name for p in (workdir / "results" / "sae").iterdir()) == ["tiny-L2", "tiny-L2-random", "tiny-L2-token"]
+
+
+def test_comparisons_pair_models_that_differ_only_where_the_claim_says():
+    specs = reward_model_specs({"reward_models": {
+        "a": {"features": "sae"}, "r": {"features": "sae", "sae": "random"},
+        "fa": {"features": "sae", "mode": "finetune"}, "fr": {"features": "sae", "sae": "random", "mode": "finetune"},
+        "d": {"features": "hidden"},
+    }})
+    found = {(claim.split(" (")[0], a, b) for claim, a, b in comparisons(specs)}
+    assert ("trained SAE encoder > random-init encoder", "a", "r") in found
+    assert ("trained SAE encoder > random-init encoder", "fa", "fr") in found
+    assert ("trained SAE encoder > random-init encoder", "fa", "r") not in found  # different modes
+    assert ("fine-tuned > frozen backbone", "fa", "a") in found and ("fine-tuned > frozen backbone", "fr", "a") not in found
+    assert ("SARM head >= dense head on the same layer", "a", "d") in found
+
+
+def test_bootstrap_interval_and_verdicts():
+    categories = np.array(["x"] * 50 + ["y"] * 50)
+    better = np.ones(100)
+    worse = np.r_[np.zeros(50), np.ones(50)]
+    low, high = paired_bootstrap(better, worse, categories, draws=200)
+    assert low == high == pytest.approx(0.5)  # the difference is the same in every resample: x always 1 vs 0
+    assert verdict(0.5, low, high) == "holds" and verdict(-0.5, -0.6, -0.4) == "reversed"
+    assert verdict(0.02, -0.01, 0.05) == "holds (within noise)" and verdict(-0.02, -0.05, 0.01) == "reversed (within noise)"
+
+
+def test_ordering_table_scores_are_the_category_mean():
+    ids = list(range(4))
+    frame = lambda chosen: pd.DataFrame({"id": ids, "category": ["x", "x", "y", "y"], "score_chosen": chosen, "score_rejected": [0.0] * 4})
+    scores = {"a": {"t": frame([1.0, 1.0, 1.0, -1.0])}, "d": {"t": frame([1.0, -1.0, -1.0, -1.0])}}
+    specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
+    row = ordering_table(scores, specs, draws=100).iloc[0]
+    # a: x 2/2, y 1/2 -> 75 %; d: x 1/2, y 0/2 -> 25 %
+    assert (row["score_winner"], row["score_loser"], row["difference"]) == (75.0, 25.0, 50.0)
+
+
+def test_bad_reward_model_specs_name_the_key():
+    with pytest.raises(SarmError, match="reward_models.d: sae and topk apply to features: sae only"):
+        reward_model_specs({"reward_models": {"d": {"features": "hidden", "topk": False}}})
+    with pytest.raises(SarmError, match="reward_models.j.mode: joint trains an SAE"):
+        reward_model_specs({"reward_models": {"j": {"features": "hidden", "mode": "joint"}}})
+    with pytest.raises(SarmError, match="reward_models.f: a full_depth model is a sequence classifier"):
+        reward_model_specs({"reward_models": {"f": {"mode": "full_depth", "sae": "token"}}})
