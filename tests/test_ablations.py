@@ -44,7 +44,7 @@ def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
     assert configs["sarm-joint"]["topk"] is False and configs["full-depth"]["format"] == "hf-sequence-classifier"
     assert configs["sarm-token-sae"]["sae_kind"] == "token" and configs["sarm-random-sae"]["sae_kind"] == "random"
     token_sae = json.loads((results / "sae" / "tiny-L2-token" / "metrics.json").read_text())
-    assert token_sae["trained"]["corpus"] == "sampled token states"
+    assert token_sae["trained"]["corpus"] == "sampled token states of the training pairs"
     orderings = pd.read_csv(results / "tables" / "ablation_orderings.csv")
     claims = set(orderings["claim"].str.split(" \\(").str[0])
     assert {"trained SAE encoder > random-init encoder", "sequence-level SAE > token-level SAE",

@@ -120,7 +120,7 @@ def test_fetch_rules_run_on_the_login_node(tmp_path):
     config = REPO / "config/paper/sarm-4b.yaml"
     result = subprocess.run([sys.executable, "-c", LOCAL_RULES, str(REPO), str(config), str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == '["fetch_dataset", "fetch_model"]'
+    assert result.stdout.strip().splitlines()[-1] == '["fetch_dataset", "fetch_model", "fetch_sae_corpus"]'
 
 
 def test_default_config_stays_small_under_the_slurm_profile(default_plan, paper_plan):

@@ -101,6 +101,36 @@ def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
     return Encoded(np.asarray(ids[cut:], dtype=np.int64), np.zeros(0, dtype=np.int64), cut > 0)
 
 
+def text_windows(tokenizer, text: str, max_length: int) -> list[Encoded]:
+    """A plain document (no chat template; the tokenizer's own special tokens) cut into windows of at most
+    `max_length` tokens, each with the positions of its sentence-final tokens: the paper's SAE corpus shape."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ends = np.asarray(sentence_final_positions(text, offsets, [(0, len(text))]), dtype=np.int64)
+    windows = []
+    for start in range(0, len(ids), max_length):
+        stop = min(start + max_length, len(ids))
+        inside = ends[(ends >= start) & (ends < stop)] - start
+        windows.append(Encoded(np.asarray(ids[start:stop], dtype=np.int64), inside, False))
+    return windows
+
+
+def cache_texts(model, tokenizer, texts: pd.DataFrame, out_dir: str | Path, max_length: int, batch_size: int,
+                device: str = "cpu", meta: dict | None = None, corpus: str = "sentence") -> dict:
+    """Cache a plain-text SAE corpus (columns id, text): the sentence-final (or, `corpus="token"`, uniformly
+    drawn) states of every window of every document."""
+    encoded, rows = [], []
+    for doc in tqdm(texts.itertuples(index=False), total=len(texts), desc="tokenise", mininterval=5):
+        for number, window in enumerate(text_windows(tokenizer, doc.text, max_length)):
+            rows.append({"seq": len(rows), "id": doc.id, "window": number})
+            encoded.append(window)
+    return cache_sequences(
+        model, tokenizer, pd.DataFrame(rows), out_dir, max_length, batch_size, device,
+        meta={**(meta or {}), "corpus": corpus, "source": "text"}, counts={"n_documents": len(texts)},
+        corpus=corpus, encoded=encoded,
+    )
+
+
 def token_positions(encoded: Encoded, seed: int) -> Encoded:
     """The same sequence with its sentence-final positions replaced by as many (at least one) positions drawn
     uniformly from all its tokens, without replacement: the token-level SAE's corpus at the same size."""
@@ -220,24 +250,27 @@ def cache_sequences(
     meta: dict | None = None,
     counts: dict | None = None,
     corpus: str = "sentence",
+    encoded: list[Encoded] | None = None,
 ) -> dict:
     """Cache the standardised hidden states of any list of (prompt, response): one row of `sequences` each,
     with columns `prompt` (chat messages) and `response`; row i becomes cached sequence i, and the other
     columns go to the index as they are. The SAE corpus kept beside the final tokens holds the sentence-final
     states (`corpus="sentence"`) or as many states at token positions drawn uniformly (`"token"`, for the
-    token-level SAE ablation)."""
+    token-level SAE ablation). `encoded`: sequences tokenised already (then `sequences` is only the index)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = sequences.reset_index(drop=True)
-    encoded = [
-        encode(tokenizer, row.prompt, row.response, max_length)
-        for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
-    ]
+    if encoded is None:
+        encoded = [
+            encode(tokenizer, row.prompt, row.response, max_length)
+            for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
+        ]
+        sequences = sequences.drop(columns=["prompt", "response"])
     if corpus == "token":
         encoded = [token_positions(e, seed=i) for i, e in enumerate(encoded)]
     elif corpus != "sentence":
         raise SarmError(f"unknown SAE corpus {corpus!r} (sentence or token)")
-    sequences = sequences.drop(columns=["prompt", "response"]).assign(
+    sequences = sequences.assign(
         n_tokens=[len(e.input_ids) for e in encoded],
         n_sentences=[len(e.sentence_ends) for e in encoded],
         truncated=[e.truncated for e in encoded],

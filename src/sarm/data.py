@@ -512,3 +512,63 @@ def split_pairs(df: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.Da
     val = df.iloc[order[:n_val]].reset_index(drop=True)
     train = df.iloc[order[n_val:]].reset_index(drop=True)
     return train, val
+
+
+def load_texts(spec: dict, mirror: str | None = None) -> pd.DataFrame:
+    """A plain-text corpus (config key sae.corpus) as a table (id, text): a local file or a hub data set,
+    streamed from the hub or mirror so that only the first `max_documents` documents are read."""
+    field, limit = spec.get("field", "text"), spec.get("max_documents")
+    if "path" in spec:
+        source, rows = str(spec["path"]), _iter_records(spec["path"])
+    elif "hub" in spec:
+        source, rows = spec["hub"], _stream_hub_records(spec["hub"], spec.get("split", "train"), spec.get("config_name"), mirror, spec.get("revision"))
+    else:
+        raise SarmError("config key sae.corpus: give path or hub")
+    texts = []
+    for number, row in enumerate(rows):
+        if field not in row:
+            raise SarmError(f"config key sae.corpus.field: row {number} of {source} has no field {field!r} (it has {sorted(row)})")
+        if isinstance(row[field], str) and row[field].strip():
+            texts.append(row[field])
+        if limit and len(texts) >= limit:
+            break
+    if not texts:
+        raise SarmError(f"config key sae.corpus: {source} holds no non-empty {field!r} text")
+    return pd.DataFrame({"id": np.arange(len(texts)), "text": texts})
+
+
+def _iter_records(path: str | os.PathLike):
+    """Rows of a large local file one at a time: `.jsonl` (optionally `.gz`) line by line, `.parquet` batch by
+    batch; other files (small `.json`) through `read_records`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SarmError(f"{path}: no such file")
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise SarmError(f"{path}: line {number + 1} is not JSON ({e.msg})") from None
+    elif name.endswith(".parquet") and not path.name.lower().endswith(".gz"):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    else:
+        yield from read_records(path)
+
+
+def _stream_hub_records(hub_id: str, split: str, config_name: str | None, mirror: str | None, revision: str | None):
+    """Rows of a hub data set one at a time (datasets' streaming mode), from `mirror/hub_id` when it exists."""
+    import datasets
+
+    local = Path(mirror) / hub_id if mirror else None
+    source = str(local) if local is not None and local.is_dir() else hub_id
+    try:
+        yield from datasets.load_dataset(source, name=config_name, split=split, streaming=True,
+                                         **({} if source != hub_id else {"revision": revision}))
+    except (OSError, ValueError, FileNotFoundError) as e:
+        tried = f"the mirror {local}" if source != hub_id else f"the hub (mirror: {local or 'none configured'})"
+        raise SarmError(f"corpus {hub_id}: cannot read it from {tried} ({_one_line(e)})") from None

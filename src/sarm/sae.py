@@ -235,11 +235,12 @@ def warn_if_useless(metrics: dict, name: str) -> None:
 
 def prepare_sae(
     settings: dict, train, device: str, seed: int, metadata: dict, log_to_wandb: bool = False, checkpoint_root=None,
-    kind: str = "sequence",
+    kind: str = "sequence", pairs=None,
 ):
     """The SAE stage: train on `train`'s corpus (an ActivationCache: sentence-final states for the sequence-level
     SAE, sampled token states for the token-level one), resuming from `checkpoint_root` when a run was cut
-    short; or load the pretrained one named in `settings`; or (kind `random`) initialise one and not train it."""
+    short; or load the pretrained one named in `settings`; or (kind `random`) initialise one and not train it.
+    `pairs`: the training pairs' cache whose final-token states join a plain-text corpus (include_final_token)."""
     d_in = train.hidden_size
     start = time.perf_counter()
     if kind == "random":
@@ -253,7 +254,7 @@ def prepare_sae(
     else:
         width = settings["width"] or default_width(d_in)
         k = settings["k"] or default_k(d_in)
-        extra = [train.final()] if settings["include_final_token"] else []
+        extra = [(pairs or train).final()] if settings["include_final_token"] else []  # where the head reads
 
         def corpus():
             yield from train.sentence_shards()
@@ -261,7 +262,7 @@ def prepare_sae(
 
         if checkpoint_root is not None:
             shaping = {key: value for key, value in settings.items() if key != "n_checkpoints"}
-            checkpoint_root = checkpoints.open_root(checkpoint_root, {"sae": shaping, "seed": seed, "corpus": train.meta})
+            checkpoint_root = checkpoints.open_root(checkpoint_root, {"sae": shaping, "seed": seed, "corpus": train.meta, "pairs": (pairs or train).meta})
         sae = train_sae(
             corpus, d_in, width, k, settings["training_samples"], settings["batch_size"], settings["lr"],
             device, seed, log_to_wandb=log_to_wandb, metadata=metadata,
@@ -269,6 +270,7 @@ def prepare_sae(
         )
         source = {"trained": {key: settings[key] for key in ("training_samples", "batch_size", "lr", "include_final_token")}}
         source["trained"]["corpus"] = {"sequence": "sentence-final states", "token": "sampled token states"}[kind]
+        source["trained"]["corpus"] += " of a plain-text corpus" if train.meta.get("source") == "text" else " of the training pairs"
     seconds = time.perf_counter() - start
     return sae, source, seconds
 

@@ -49,3 +49,43 @@ rule cache_token_corpus:
         "logs/benchmarks/cache_activations/tokens/{table}.tsv"
     script:
         "../scripts/cache_activations.py"
+
+
+rule fetch_sae_corpus:
+    """The plain-text SAE corpus of config key sae.corpus (the hub is read on the login node)."""
+    output:
+        f"{RESOURCES}/corpus/sae.parquet",
+    params:
+        spec=config["sae"]["corpus"],
+        mirror=config["hub"]["mirror"],
+    log:
+        "logs/fetch_sae_corpus.log",
+    localrule: True
+    script:
+        "../scripts/fetch_sae_corpus.py"
+
+
+rule cache_sae_corpus:
+    """States of the plain-text SAE corpus: at sentence ends, or (`token`) at uniformly drawn positions."""
+    input:
+        model=MODEL_DIR,
+        texts=f"{RESOURCES}/corpus/sae.parquet",
+    output:
+        directory(f"{ACT}/corpus/{{positions}}"),
+    wildcard_constraints:
+        positions="sentence|token",
+    params:
+        model=config["model"],
+        device=config["device"],
+        max_length=(config["sae"]["corpus"] or {}).get("max_length") or config["model"]["max_length"],
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for("cache_activations"),
+        runtime=runtime_for("cache_activations"),
+        gpu=gpus_for("cache_activations"),
+    log:
+        "logs/cache_activations/corpus-{positions}.log",
+    benchmark:
+        "logs/benchmarks/cache_activations/corpus-{positions}.tsv"
+    script:
+        "../scripts/cache_sae_corpus.py"

@@ -142,10 +142,22 @@ def eval_inputs(wildcards):
     return inputs
 
 
+SAE_CORPUS = config["sae"]["corpus"]  # a plain-text corpus (the paper's OpenWebText2), or None: the training pairs
+
+
+def sae_inputs(wildcards):
+    """The SAE's corpus (sentence-final states of the plain-text corpus or of the training pairs), the training
+    pairs' final tokens (config key sae.include_final_token) and the held-out set."""
+    corpus = f"{ACT}/corpus/sentence" if SAE_CORPUS else f"{ACT}/train"
+    return {"train": corpus, "pairs": f"{ACT}/train", "val": f"{ACT}/val"}
+
+
 def sae_variant_inputs(wildcards):
-    """The token-level SAE trains on sampled token states; the random-init one reads only the held-out set."""
-    inputs = {"val": f"{ACT}/val"}
-    inputs["train"] = f"{ACT}/tokens/train" if wildcards.sae_kind == "token" else f"{ACT}/train"
+    """The token-level SAE trains on drawn token states (of the same corpus); the random-init one reads only
+    the held-out set."""
+    inputs = sae_inputs(wildcards)
+    if wildcards.sae_kind == "token":
+        inputs["train"] = f"{ACT}/corpus/token" if SAE_CORPUS else f"{ACT}/tokens/train"
     return inputs
 
 

@@ -1,10 +1,10 @@
-# The sequence-level TopK SAE: trained with sae-lens on sentence-final states, or loaded pretrained.
+# The sequence-level TopK SAE: trained with sae-lens on sentence-final states (of the training pairs, or of a
+# plain-text corpus such as the paper's OpenWebText2: config key sae.corpus), or loaded pretrained.
 
 
 rule sae:
     input:
-        train=f"{ACT}/train",
-        val=f"{ACT}/val",
+        unpack(sae_inputs),
     output:
         model=directory(f"{RESULTS}/sae/{SAE}/model"),
         metrics=f"{RESULTS}/sae/{SAE}/metrics.json",

@@ -12,13 +12,14 @@ def main(snakemake):
     p = snakemake.params
     kind = snakemake.wildcards.get("sae_kind", "sequence")
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
+    pairs = ActivationCache(snakemake.input.pairs)  # the training pairs (the same cache unless sae.corpus is set)
     device = models.resolve_device(p.device)
     metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
     name = f"sae-{p.model}-L{p.layer}" + ("" if kind == "sequence" else f"-{kind}")
     with wandb_run(snakemake.config, "sae", name, {**p.sae, "kind": kind}) as run:
         resume_root = f"{snakemake.output.model}.checkpoints"  # kept by Snakemake when the job dies
         settings = {**p.sae, "n_checkpoints": snakemake.config["sae"]["n_checkpoints"]}
-        sae, source, seconds = prepare_sae(settings, train, device, p.seed, metadata, run is not None, resume_root, kind)
+        sae, source, seconds = prepare_sae(settings, train, device, p.seed, metadata, run is not None, resume_root, kind, pairs)
         save_sae(sae, snakemake.output.model)
         checkpoints.remove(resume_root)
         saved = load_sae(snakemake.output.model)  # measure what later rules will load

@@ -1,0 +1,20 @@
+import logging
+
+import pandas as pd
+
+from sarm.activations import cache_texts
+from sarm.models import load_backbone
+from sarm.workflow import run_script
+
+
+def main(snakemake):
+    spec = snakemake.params.model
+    tokenizer, model, device, meta = load_backbone(spec, snakemake.input.model, snakemake.params.device)
+    info = cache_texts(
+        model, tokenizer, pd.read_parquet(snakemake.input.texts), snakemake.output[0], snakemake.params.max_length,
+        spec["batch_size"], device, meta, corpus=snakemake.wildcards.positions,
+    )
+    logging.info("cached %s", info)
+
+
+run_script(snakemake, main)
