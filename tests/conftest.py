@@ -86,3 +86,15 @@ def trained(tiny_model_dir, hh_pairs, tmp_path_factory):
     model.weight = torch.randn_like(model.weight)  # a head with every weight non-zero tests more
     model.save_pretrained(root / "rm")
     return root, val_pairs, history
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Offline hub access: the env var, plus the copies of it that datasets and huggingface_hub read at import."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")

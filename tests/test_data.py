@@ -249,18 +249,6 @@ def test_read_records_non_utf8(tmp_path):
 # --- the hub and a local mirror --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Offline hub access: the env var, plus the copies of it that datasets and huggingface_hub read at import."""
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
 def test_hub_unreachable_without_mirror(offline):
     with pytest.raises(SarmError, match=r"'no-org/no-such-set'.*no mirror configured"):
         load_hub_records("no-org/no-such-set", "train")

@@ -72,18 +72,6 @@ def write_parquet(path, rows):
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No hub access: only the mirror folder can answer."""
-    import datasets
-    import huggingface_hub
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
-@pytest.fixture
 def rb2_pairs(offline, tmp_path):
     mirror = tmp_path / "mirror"
     write_parquet(mirror / "allenai" / "reward-bench-2" / "data" / "test-00000-of-00001.parquet", RB2_ROWS)

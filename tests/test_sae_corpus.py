@@ -32,7 +32,7 @@ def test_load_texts_skips_empty_documents_and_stops_at_max_documents(tmp_path):
     assert len(load_texts({"path": str(path), "max_documents": 2})) == 2
 
 
-def test_load_texts_streams_a_mirror_folder_laid_out_like_the_hub(tmp_path):
+def test_load_texts_streams_a_mirror_folder_laid_out_like_the_hub(tmp_path, offline):
     folder = tmp_path / "mirror" / "segyges" / "OpenWebText2" / "data"
     folder.mkdir(parents=True)
     pd.DataFrame({"text": DOCS[:1] + DOCS[3:] * 5}).to_parquet(folder / "train-00000-of-00001.parquet")

@@ -29,7 +29,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 from sarm import activations, models
 from sarm.errors import SarmError
-from sarm.reward import CONFIG_FILE, RewardModel, bt_loss, model_config, set_topk
+from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, model_config, set_topk
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
         config = {
             "format": "hf-sequence-classifier",
             "version": 1,
-            "base_model": {**_base(model_spec, model_dir), "path": "."},
+            "base_model": base_model_config(model_spec, model_dir, "."),
             "read_at": "final token of the chat-templated prompt + response (not HF's pad-id lookup)",
             "training": training,
         }
@@ -353,19 +353,6 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
         RewardModel(config, head, sae).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-
-
-def _base(model_spec: dict, model_dir) -> dict:
-    return {
-        "name": model_spec["name"],
-        "source": str(Path(model_dir).resolve()),
-        "hub_id": model_spec.get("hub_id"),
-        "layer": model_spec["layer"],
-        "dtype": model_spec["dtype"],
-        "max_length": model_spec["max_length"],
-        "chat_template": model_spec.get("chat_template"),
-        "trust_remote_code": model_spec.get("trust_remote_code", False),
-    }
 
 
 # --- scoring a full-depth classifier like a RewardModel ---

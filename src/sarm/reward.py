@@ -335,6 +335,22 @@ def set_topk(sae, enabled: bool) -> None:
     sae.activation_fn = TopK(k) if enabled else torch.nn.ReLU()
 
 
+def base_model_config(model_spec: dict, model_dir, path: str | None = None) -> dict:
+    """What a reward model records of its base model: where its backbone is (`path`, default the base model
+    folder; a relative path is inside the reward-model folder), where it came from, and how it is read."""
+    return {
+        "name": model_spec["name"],
+        "path": path or str(Path(model_dir).resolve()),
+        "source": str(Path(model_dir).resolve()),
+        "hub_id": model_spec.get("hub_id"),
+        "layer": model_spec["layer"],
+        "dtype": model_spec["dtype"],
+        "max_length": model_spec["max_length"],
+        "chat_template": model_spec.get("chat_template"),
+        "trust_remote_code": model_spec.get("trust_remote_code", False),
+    }
+
+
 def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, training: dict, base_path: str | None = None) -> dict:
     """The `reward_model.json` of a SARM or dense-head model: all it takes to rebuild and score it.
     `base_path`: a backbone saved inside the model folder (fine-tuned modes), relative to it."""
@@ -345,17 +361,7 @@ def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, trai
         "sae_kind": spec.get("sae", "sequence") if spec["features"] == "sae" else None,
         "topk": spec.get("topk", True),
         "hidden_size": hidden_size,
-        "base_model": {
-            "name": model_spec["name"],
-            "path": base_path or str(Path(model_dir).resolve()),
-            "source": str(Path(model_dir).resolve()),
-            "hub_id": model_spec.get("hub_id"),
-            "layer": model_spec["layer"],
-            "dtype": model_spec["dtype"],
-            "max_length": model_spec["max_length"],
-            "chat_template": model_spec.get("chat_template"),
-            "trust_remote_code": model_spec.get("trust_remote_code", False),
-        },
+        "base_model": base_model_config(model_spec, model_dir, base_path),
         "standardize": {"per_token": True, "eps": activations.STANDARDIZE_EPS},
         "read_at": "final token of the chat-templated prompt + response",
         "training": training,
