@@ -152,3 +152,36 @@ def test_a_job_file_runs_as_the_module_each_gpu_process_runs(tiny_model_dir, hh_
     subprocess.run([sys.executable, "-m", "sarm.finetune", str(job)], check=True, capture_output=True)
     assert (tmp_path / "rm" / "history.csv").exists()
     assert RewardModel.from_pretrained(tmp_path / "rm").config["features"] == "hidden"
+
+
+def test_a_killed_finetuning_job_resumes_from_its_last_epoch(tiny_model_dir, hh_pairs, tmp_path):
+    """SIGKILL at the start of epoch 2 leaves epoch 1's Trainer checkpoint; the re-run resumes there and ends
+    with the weights of an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from sarm.data import write_pairs
+    from sarm.finetune import write_job
+
+    write_pairs(hh_pairs.iloc[:4], tmp_path / "train.parquet")
+    write_pairs(hh_pairs.iloc[8:10], tmp_path / "val.parquet")
+
+    def job(name):
+        return write_job(
+            tmp_path / f"{name}.json", spec=_spec(features="hidden", sae=None, topk=None),
+            settings={**SETTINGS, "gradient_checkpointing": False}, model_dir=tiny_model_dir, model_spec=MODEL_SPEC,
+            train=tmp_path / "train.parquet", val=tmp_path / "val.parquet", out_dir=tmp_path / name, sae=None,
+            device="cpu", seed=0,
+        )
+
+    run = [sys.executable, "-m", "sarm.finetune"]
+    killed = subprocess.run([*run, str(job("resumed"))], env={**os.environ, "SARM_KILL_AT": "finetune:2"}, capture_output=True)
+    assert killed.returncode == -9 and not (tmp_path / "resumed").exists()
+    assert [p.name for p in (tmp_path / "resumed.checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]  # epoch 1: one step of 4 pairs
+    subprocess.run([*run, str(job("resumed"))], check=True, capture_output=True)
+    subprocess.run([*run, str(job("straight"))], check=True, capture_output=True)
+    resumed, straight = RewardModel.from_pretrained(tmp_path / "resumed"), RewardModel.from_pretrained(tmp_path / "straight")
+    assert resumed.config["training"]["resumed"] and not straight.config["training"]["resumed"]
+    assert torch.equal(resumed.weight, straight.weight)
+    assert not (tmp_path / "resumed.checkpoints").exists()  # removed once the model is saved

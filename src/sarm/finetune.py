@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-from sarm import activations, models
+from sarm import activations, checkpoints, models
 from sarm.errors import SarmError
 from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, model_config, set_topk
 
@@ -187,6 +187,14 @@ def _pair_accuracy(prediction) -> dict:
     return {"accuracy": float((rewards[:, 0] > rewards[:, 1]).mean())}
 
 
+class _FaultPoint(TrainerCallback):
+    """Tests' SIGKILL point (checkpoints.fault_point) at the start of each epoch after the first: the previous
+    epoch's checkpoint is complete by then."""
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        checkpoints.fault_point("finetune", round(state.epoch) + 1)
+
+
 class _History(TrainerCallback):
     """Keeps the Trainer's log lines (loss, learning rate, eval accuracy) and forwards them, e.g. to wandb."""
 
@@ -282,7 +290,7 @@ def finetune_reward_model(
     trainer = _BTTrainer(
         model=model.to(device), args=args, train_dataset=train_set, eval_dataset=val_set,
         data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=_pair_accuracy,
-        callbacks=[history],
+        callbacks=[history, _FaultPoint()],
     )
     trainer.head_lr = settings.get("head_lr")
     resume = any(checkpoint_dir.glob("checkpoint-*"))
