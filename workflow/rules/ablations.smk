@@ -1,14 +1,5 @@
 # Whether the paper's orderings hold between the trained variants (sarm.ablations.CLAIMS), with paired
 # bootstrap intervals; a target of `rule all` whenever the config trains two variants a claim compares.
-from sarm.ablations import comparisons
-
-ABLATION_COMPARISONS = comparisons(REWARD_MODELS)
-
-
-def ablation_outputs():
-    if not ABLATION_COMPARISONS:
-        return []
-    return expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"])
 
 
 rule ablation_orderings:

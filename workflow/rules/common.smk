@@ -175,6 +175,68 @@ def gpus():
     return 1 if USES_GPU else 0
 
 
+# --- Interpretability (workflow/rules/explain.smk): the cards and the preference shift of `sarm` ---
+EXPLAIN = f"{RESULTS}/explain/sarm"
+SHIFT = f"{RESULTS}/shift/sarm"
+# The evaluation table the cards' firing rates and the shift's target come from (default: the first eval set).
+EXPLAIN_TABLE = config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
+SHIFT_TABLE = config["shift"]["table"] or EXPLAIN_TABLE
+SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or config["shift"]["features"])
+
+
+def explain_outputs():
+    """Cards, attributions and the preference shift of the reward model named `sarm` (a frozen SAE head)."""
+    sarm = REWARD_MODELS.get("sarm")
+    if not sarm or sarm["mode"] != "frozen" or sarm["features"] != "sae":
+        return []
+    outputs = [
+        *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
+        f"{EXPLAIN}/cards.html",
+    ]
+    if SHIFT_ON:
+        outputs += [
+            *expand(f"{RESULTS}/tables/preference_shift{{part}}.{{ext}}", part=["", "_features"], ext=["md", "csv"]),
+            f"{RESULTS}/figures/preference_shift.png",
+        ]
+    return outputs
+
+
+# --- The paper's tables (workflow/rules/tables.smk) and the ablation orderings (workflow/rules/ablations.smk) ---
+PAPER_TABLES = ["table1_rewardbench2", "table1_rewardbench_v1", "table1_local", "table2_ablations", "table2_ablations_local"]
+
+
+def paper_table_outputs():
+    return [
+        *expand(f"{RESULTS}/tables/{{name}}.{{ext}}", name=PAPER_TABLES, ext=["md", "csv"]),
+        f"{RESULTS}/figures/paper_tables.png",
+    ]
+
+
+def paper_reference_folder():
+    """Config key paper_tables.reference (published leaderboards); a relative path is relative to the repository,
+    so that the default finds ../shared/data from any working directory. None: no leaderboard rows."""
+    folder = config["paper_tables"]["reference"]
+    return os.path.join(workflow.basedir, folder) if folder else None
+
+
+def paper_reference(wildcards):
+    folder = paper_reference_folder()
+    if not folder:
+        return {}
+    return {name: f"{folder}/{name}_leaderboard.csv" for name in ("rewardbench2", "rewardbench_v1")}
+
+
+from sarm.ablations import comparisons
+
+ABLATION_COMPARISONS = comparisons(REWARD_MODELS)
+
+
+def ablation_outputs():
+    if not ABLATION_COMPARISONS:
+        return []
+    return expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"])
+
+
 # --- Cluster resources, computed from the experiment (the model and its numbers: src/sarm/cluster.py) ---
 from sarm import cluster as _cluster
 

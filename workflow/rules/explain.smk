@@ -1,28 +1,6 @@
 # Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels) and
-# the preference shift of the SARM head, all from cached activations.
-EXPLAIN = f"{RESULTS}/explain/sarm"
-SHIFT = f"{RESULTS}/shift/sarm"
-# The evaluation table the cards' firing rates and the shift's target come from (default: the first eval set).
-EXPLAIN_TABLE = config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
-SHIFT_TABLE = config["shift"]["table"] or EXPLAIN_TABLE
-SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or config["shift"]["features"])
-
-
-def explain_outputs():
-    """Cards, attributions and the preference shift of the reward model named `sarm` (a frozen SAE head)."""
-    sarm = REWARD_MODELS.get("sarm")
-    if not sarm or sarm["mode"] != "frozen" or sarm["features"] != "sae":
-        return []
-    outputs = [
-        *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
-        f"{EXPLAIN}/cards.html",
-    ]
-    if SHIFT_ON:
-        outputs += [
-            *expand(f"{RESULTS}/tables/preference_shift{{part}}.{{ext}}", part=["", "_features"], ext=["md", "csv"]),
-            f"{RESULTS}/figures/preference_shift.png",
-        ]
-    return outputs
+# the preference shift of the SARM head, all from cached activations
+# (its targets and paths: workflow/rules/common.smk).
 
 
 rule attributions:

@@ -40,28 +40,6 @@ rule provenance:
 
 # The paper's Table 1 (RewardBench 2) and Table 2 (ablations): published rows beside reproduced ones, each row
 # naming the data set it was measured on; rows measured on local sets get tables of their own.
-PAPER_TABLES = ["table1_rewardbench2", "table1_rewardbench_v1", "table1_local", "table2_ablations", "table2_ablations_local"]
-
-
-def paper_table_outputs():
-    return [
-        *expand(f"{RESULTS}/tables/{{name}}.{{ext}}", name=PAPER_TABLES, ext=["md", "csv"]),
-        f"{RESULTS}/figures/paper_tables.png",
-    ]
-
-
-def paper_reference_folder():
-    """Config key paper_tables.reference (published leaderboards); a relative path is relative to the repository,
-    so that the default finds ../shared/data from any working directory. None: no leaderboard rows."""
-    folder = config["paper_tables"]["reference"]
-    return os.path.join(workflow.basedir, folder) if folder else None
-
-
-def paper_reference(wildcards):
-    folder = paper_reference_folder()
-    if not folder:
-        return {}
-    return {name: f"{folder}/{name}_leaderboard.csv" for name in ("rewardbench2", "rewardbench_v1")}
 
 
 rule paper_tables:
