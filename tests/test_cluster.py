@@ -153,24 +153,38 @@ def test_retried_job_asks_for_more_memory_and_time():
     assert yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["retries"] >= 1
 
 
-def test_sbatch_line_of_the_sae_rule(paper_plan):
-    """The plugin's own submit-string builder, fed the SAE job's planned resources."""
+def _sbatch_line(resources: dict, rule: str) -> tuple[str, SimpleNamespace]:
+    """The plugin's own submit-string builder, fed a job's planned resources."""
     submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
     from snakemake_executor_plugin_slurm.utils import set_gres_string
-
-    resources = job(paper_plan, "sae")
 
     class Resources(dict):
         __getattr__ = dict.__getitem__
 
     fake = SimpleNamespace(resources=Resources(resources), threads=8, is_group=lambda: False)
-    params = {"run_uuid": "uuid", "slurm_logfile": "log/%j.log", "comment_str": "rule_sae", "account": " -A myacct",
+    params = {"run_uuid": "uuid", "slurm_logfile": "log/%j.log", "comment_str": f"rule_{rule}", "account": " -A myacct",
               "partition": " -p gpu", "workdir": "/w"}
-    line = submit.get_submit_command(fake, params) + set_gres_string(fake)
+    return submit.get_submit_command(fake, params) + set_gres_string(fake), fake
+
+
+def test_sbatch_line_of_the_sae_rule(paper_plan):
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    resources = job(paper_plan, "sae")
+    line, fake = _sbatch_line(resources, "sae")
     assert f"--mem {resources['mem_mb']}" in line and f"-t {resources['runtime']}" in line
     assert "--gpus=1" in line and "--cpus-per-task=8" in line and "-A myacct" in line and "-p gpu" in line
     fake.resources["gpu_model"] = "a100"
     assert set_gres_string(fake) == " --gpus=a100:1"
+
+
+def test_sbatch_line_of_the_fine_tuning_rule(paper_plan):
+    """One node, finetune.gpus GPUs: the job then runs `accelerate launch --num_processes 8` inside it."""
+    resources = job(paper_plan, "finetune_reward", rm="sarm")
+    line, _ = _sbatch_line(resources, "finetune_reward")
+    assert "--gpus=8" in line and f"--mem {resources['mem_mb']}" in line and f"-t {resources['runtime']}" in line
+    assert cluster.launch_command("sarm.finetune", ["job.json"], 8).startswith(
+        "accelerate launch --num_machines 1 --num_processes 8")
 
 
 def test_profile_left_with_change_me_stops_before_submitting(tiny_model_dir, shared_data, tmp_path):

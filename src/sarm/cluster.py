@@ -236,7 +236,8 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
             trained = n if spec["mode"] != "finetune" else n - sae_params
             gpus = config["finetune"]["gpus"] if gpu else 1
             batch_tokens = 2 * config["finetune"]["per_device_batch_size"] * model["max_length"]
-            device_mem = (n * 2 + trained * 16 / gpus) if gpu else n * 4 + trained * 16  # ZeRO-3 shards the states
+            shards = gpus if config["finetune"].get("zero3") else 1  # ZeRO-3 shards weights and AdamW states
+            device_mem = (6 * n + 12 * trained) / shards  # fp32 weights + bf16 copies, fp32 grads + AdamW (sarm.finetune)
             act = batch_tokens * h * 4 * (shape.num_hidden_layers + 16)
             host = BASE_MB + _mb(n * 4 * 1.25 + (0 if gpu else device_mem + act))
             gpu_mem = _mb(device_mem + act) if gpu else 0
