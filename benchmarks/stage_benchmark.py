@@ -127,6 +127,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run-log", help="the Snakemake log of the default run (default: the newest complete run "
+                                      "that fine-tuned nothing, i.e. not config/ablations.yaml or a paper config)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU (H100 SXM: 989)")
@@ -477,12 +479,15 @@ def child(args) -> None:
 
 # --- the whole run --------------------------------------------------------------------------------------
 def run_row(args, rows) -> None:
-    """Wall time of the last complete Snakemake run with the most steps (the default run), from its log."""
+    """Wall time of the default run, from its Snakemake log (`--run-log`, else the newest complete run with
+    no fine-tuning job)."""
     best_log = None
-    for log in Path(".snakemake/log").glob("*.snakemake.log"):
-        found = re.findall(r"(\d+) of \1 steps \(100%\) done", log.read_text(errors="replace"))
-        if found and (best_log is None or (int(found[-1]), log.name) > (best_log[0], best_log[1].name)):
-            best_log = (int(found[-1]), log)
+    logs = [Path(args.run_log)] if args.run_log else sorted(Path(".snakemake/log").glob("*.snakemake.log"))
+    for log in logs:
+        text = log.read_text(errors="replace")
+        found = re.findall(r"(\d+) of \1 steps \(100%\) done", text)
+        if found and (args.run_log or "finetune_reward" not in text):
+            best_log = (int(found[-1]), log)  # sorted by start time: the newest wins
     if best_log is None or args.random_init:
         rows.append(row("workflow", "whole default run", "no complete Snakemake log here (make run)"))
         return

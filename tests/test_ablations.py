@@ -86,7 +86,8 @@ def test_bootstrap_interval_and_verdicts():
 
 def test_ordering_table_scores_are_the_category_mean():
     ids = list(range(4))
-    frame = lambda chosen: pd.DataFrame({"id": ids, "category": ["x", "x", "y", "y"], "score_chosen": chosen, "score_rejected": [0.0] * 4})
+    frame = lambda chosen: pd.DataFrame({"id": ids, "subset": ["x", "x", "y", "y"], "category": ["x", "x", "y", "y"],
+                                         "score_chosen": chosen, "score_rejected": [0.0] * 4})
     scores = {"a": {"t": frame([1.0, 1.0, 1.0, -1.0])}, "d": {"t": frame([1.0, -1.0, -1.0, -1.0])}}
     specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
     row = ordering_table(scores, specs, draws=100).iloc[0]
@@ -101,3 +102,18 @@ def test_bad_reward_model_specs_name_the_key():
         reward_model_specs({"reward_models": {"j": {"features": "hidden", "mode": "joint"}}})
     with pytest.raises(SarmError, match="reward_models.f: a full_depth model is a sequence classifier"):
         reward_model_specs({"reward_models": {"f": {"mode": "full_depth", "sae": "token"}}})
+
+
+def test_official_subsets_weigh_as_in_the_accuracy_tables():
+    """Chat Hard of RewardBench v1: llmbar-natural counts 100, mt-bench-hard 37, whatever was sampled."""
+    from sarm.ablations import category_mean_accuracy, pair_weights
+    from sarm.rewardbench import category_scores, subset_table
+
+    scores = pd.DataFrame({
+        "id": range(6), "subset": ["mt-bench-hard"] * 2 + ["llmbar-natural"] * 4, "category": ["Chat Hard"] * 6,
+        "score_chosen": [1, 0, 1, 1, 1, 0], "score_rejected": [0, 1, 0, 0, 0, 1],
+    })
+    correct = (scores["score_chosen"] > scores["score_rejected"]).to_numpy(float)
+    expected = category_scores(subset_table(scores))["accuracy"].iloc[0]  # (0.5 x 37 + 0.75 x 100) / 137
+    assert category_mean_accuracy(correct, scores["category"].to_numpy(), pair_weights(scores)) == pytest.approx(expected)
+    assert expected == pytest.approx((0.5 * 37 + 0.75 * 100) / 137)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sarm.rewardbench import pair_correct
+from sarm.rewardbench import EXAMPLE_COUNTS, pair_correct
 
 # (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
 CLAIMS: list[tuple[str, dict, dict]] = [
@@ -52,20 +52,30 @@ def _same_head(a: dict, b: dict) -> bool:
     return all(a.get(key) == b.get(key) for key in ("features", "sae", "topk"))
 
 
-def category_mean_accuracy(correct: np.ndarray, categories: np.ndarray) -> float:
-    """The tables' overall score: the mean over categories of each category's pair accuracy."""
-    return float(np.mean([correct[categories == c].mean() for c in np.unique(categories)]))
+def pair_weights(scores: pd.DataFrame) -> np.ndarray:
+    """Per-pair weights that make the weighted mean of a category the accuracy table's category score: a subset
+    counts with its official RewardBench v1 size where it is an official subset, else with its own size."""
+    counts = scores.groupby("subset")["subset"].transform("size").to_numpy(dtype=float)
+    official = scores["subset"].map(EXAMPLE_COUNTS).to_numpy(dtype=float)
+    return np.where(np.isnan(official), counts, official) / counts
+
+
+def category_mean_accuracy(correct: np.ndarray, categories: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The tables' overall score: the mean over categories of each category's (weighted) pair accuracy."""
+    weights = np.ones(len(correct)) if weights is None else weights
+    return float(np.mean([np.average(correct[categories == c], weights=weights[categories == c]) for c in np.unique(categories)]))
 
 
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, categories: np.ndarray, draws: int = 2000,
-                     seed: int = 0) -> tuple[float, float]:
+                     seed: int = 0, weights: np.ndarray | None = None) -> tuple[float, float]:
     """95 % interval of score(a) - score(b), resampling pairs within each category (the same draw for both)."""
     rng = np.random.default_rng(seed)
+    weights = np.ones(len(correct_a)) if weights is None else weights
     groups = [np.flatnonzero(categories == c) for c in np.unique(categories)]
     diffs = np.empty(draws)
     for i in range(draws):
         picks = [rng.choice(g, size=len(g)) for g in groups]
-        diffs[i] = np.mean([correct_a[p].mean() - correct_b[p].mean() for p in picks])
+        diffs[i] = np.mean([np.average(correct_a[p] - correct_b[p], weights=weights[p]) for p in picks])
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
@@ -85,11 +95,12 @@ def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict[str, 
             a, b = scores[win][table], scores[lose][table]
             if a["id"].tolist() != b["id"].tolist():
                 raise ValueError(f"{win} and {lose} were scored on different pairs of {table}")
-            categories = a["category"].to_numpy()
+            categories, weights = a["category"].to_numpy(), pair_weights(a)
             correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
             correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
-            score_a, score_b = category_mean_accuracy(correct_a, categories), category_mean_accuracy(correct_b, categories)
-            low, high = paired_bootstrap(correct_a, correct_b, categories, draws)
+            score_a = category_mean_accuracy(correct_a, categories, weights)
+            score_b = category_mean_accuracy(correct_b, categories, weights)
+            low, high = paired_bootstrap(correct_a, correct_b, categories, draws, weights=weights)
             rows.append({
                 "claim": claim, "table": table, "winner_by_paper": win, "loser_by_paper": lose,
                 "score_winner": 100 * score_a, "score_loser": 100 * score_b, "difference": 100 * (score_a - score_b),
