@@ -479,15 +479,15 @@ def child(args) -> None:
 
 # --- the whole run --------------------------------------------------------------------------------------
 def run_row(args, rows) -> None:
-    """Wall time of the default run, from its Snakemake log (`--run-log`, else the newest complete run with
-    no fine-tuning job)."""
+    """Wall time of the default run, from its Snakemake log (`--run-log`, else the complete run with the most
+    steps, the newest among equals, that fine-tuned nothing: not config/ablations.yaml or a paper config)."""
     best_log = None
     logs = [Path(args.run_log)] if args.run_log else sorted(Path(".snakemake/log").glob("*.snakemake.log"))
     for log in logs:
         text = log.read_text(errors="replace")
         found = re.findall(r"(\d+) of \1 steps \(100%\) done", text)
-        if found and (args.run_log or "finetune_reward" not in text):
-            best_log = (int(found[-1]), log)  # sorted by start time: the newest wins
+        if found and (args.run_log or "finetune_reward" not in text) and (best_log is None or int(found[-1]) >= best_log[0]):
+            best_log = (int(found[-1]), log)
     if best_log is None or args.random_init:
         rows.append(row("workflow", "whole default run", "no complete Snakemake log here (make run)"))
         return
