@@ -195,3 +195,12 @@ def test_a_killed_finetuning_job_resumes_from_its_last_epoch(tiny_model_dir, hh_
     assert resumed.config["training"]["resumed"] and not straight.config["training"]["resumed"]
     assert torch.equal(resumed.weight, straight.weight)
     assert not (tmp_path / "resumed.checkpoints").exists()  # removed once the model is saved
+
+
+def test_gradient_accumulation_fills_the_global_batch_over_all_processes(tmp_path, monkeypatch):
+    """Under accelerate launch each of the N processes sees WORLD_SIZE=N before any process group exists."""
+    from sarm.finetune import training_arguments
+
+    settings = {**SETTINGS, "global_batch_size": 512, "per_device_batch_size": 4}
+    assert training_arguments(settings, tmp_path, 1000, 8, "cpu", 0).gradient_accumulation_steps == 16
+    assert training_arguments(settings, tmp_path, 1000, 1, "cpu", 0).gradient_accumulation_steps == 128

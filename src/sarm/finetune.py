@@ -231,7 +231,8 @@ def check_fits(estimate_mb: int, available_mb: int | None, where: str) -> None:
     if available_mb and estimate_mb > available_mb:
         raise SarmError(
             f"fine-tuning needs about {estimate_mb:,} MB on the {where} but {available_mb:,} MB are declared; "
-            "lower reward.per_device_batch_size or model.max_length, or give the rule more memory (resources mem_mb / a larger GPU)"
+            "lower finetune.per_device_batch_size or model.max_length, turn on finetune.gradient_checkpointing or "
+            "finetune.zero3 (several GPUs), or give the rule more memory (resources mem_mb / a larger GPU)"
         )
 
 
@@ -296,7 +297,7 @@ def finetune_reward_model(
     (kept in `<out_dir>.checkpoints`). Returns the folder and the training log."""
     out_dir = Path(out_dir)
     device = models.resolve_device(device)
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun, before any process group
     tokenizer = models.load_tokenizer(model_dir, model_spec.get("chat_template"), model_spec.get("trust_remote_code", False))
     torch.manual_seed(seed)
     model = _build(spec, model_dir, model_spec, sae, tokenizer)
