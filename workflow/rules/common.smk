@@ -25,7 +25,6 @@ SAE = f"{MODEL}-L{LAYER}"
 TRAINED_MODELS = REWARD_MODELS
 FROZEN = [name for name, spec in REWARD_MODELS.items() if spec["mode"] == "frozen"]  # heads on cached features
 TUNED = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "frozen"]  # trained on token ids
-SAE_KINDS = sorted({spec["sae"] for spec in REWARD_MODELS.values() if spec["sae"]} | {"sequence"})
 BASELINES = ["length"]
 EVAL_TABLES = ["val", *config["eval"]["datasets"]]
 USES_GPU = config["device"] != "cpu"
@@ -153,8 +152,8 @@ def sae_inputs(wildcards):
 
 
 def sae_variant_inputs(wildcards):
-    """The token-level SAE trains on drawn token states (of the same corpus); the random-init one reads only
-    the held-out set."""
+    """The token-level SAE trains on drawn token states (of the same corpus); the random-init one trains on
+    nothing (its inputs give its shape and its held-out metrics)."""
     inputs = sae_inputs(wildcards)
     if wildcards.sae_kind == "token":
         inputs["train"] = f"{ACT}/corpus/token" if SAE_CORPUS else f"{ACT}/tokens/train"
