@@ -166,4 +166,4 @@ def test_rl_target_is_wired_and_checks_its_config(tiny_model_dir, shared_data, t
     assert "rl_train" not in result.stdout  # the default target leaves RL out
     config["rl"]["reward"] = "length"
     result = snakemake(tmp_path / "bad", config, "-n", "rl")
-    assert result.returncode != 0 and "config key rl.reward: 'length' is not a trained reward model" in result.stdout + result.stderr
+    assert result.returncode != 0 and "config key rl.reward: 'length' is not a trained SARM or dense-head reward model" in result.stdout + result.stderr
