@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from sarm import activations, models
 from sarm.errors import SarmError
+from sarm.evaluate import score_text
 from sarm.finetune import (
     PairCollator,
     PairDataset,
     check_fits,
     finetune_reward_model,
     load_reward_model,
-    score_pairs,
 )
 from sarm.reward import RewardModel, set_topk
 from sarm.sae import load_sae, random_sae
@@ -73,7 +73,7 @@ def test_finetune_trains_the_backbone_and_head_and_keeps_the_sae(finetuned, tiny
 def test_finetuned_model_scores_text_with_its_own_backbone(finetuned, hh_pairs):
     out, _, _ = finetuned
     model = load_reward_model(out)
-    scores = score_pairs(model, hh_pairs.iloc[8:], batch_size=3)
+    scores = score_text(model, hh_pairs.iloc[8:], batch_size=3)
     assert list(scores.columns[-2:]) == ["score_chosen", "score_rejected"] and len(scores) == 4
     # one sequence at a time gives the same rewards as batches (padding never leaks into the reward)
     one = model.score([hh_pairs.prompt[8]], [hh_pairs.chosen[8]], batch_size=1)

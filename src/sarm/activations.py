@@ -153,15 +153,22 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 
 
 @torch.no_grad()
+def pad_right(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences as one right-padded batch: (input_ids, attention_mask), both [B, longest]."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
 def forward_batch(model, batch: list[Encoded], pad_id: int, device: str, with_sentences: bool):
     """Run one right-padded batch; return standardised final-token vectors [B, d] and, per sequence,
     its standardised sentence-final vectors [m_i, d]."""
     lengths = [len(e.input_ids) for e in batch]
-    ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(batch):
-        ids[row, : len(e.input_ids)] = torch.from_numpy(e.input_ids)
-        mask[row, : len(e.input_ids)] = 1
+    ids, mask = pad_right([e.input_ids for e in batch], pad_id)
     hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     rows = torch.arange(len(batch), device=hidden.device)
     final = standardize(hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]).cpu()

@@ -18,3 +18,12 @@ def score_cached(model: RewardModel, cache: ActivationCache, pairs: pd.DataFrame
         raise SarmError(f"{cache.folder} was cached from other pairs than the table given; re-run its rule")
     rewards = model.score_hidden(cache.final()).numpy()
     return score_table(pairs, rewards[0::2], rewards[1::2])
+
+
+def score_text(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
+    """The same table from raw text, for a model whose backbone was fine-tuned (no cached states fit it):
+    a RewardModel or a full-depth classifier (`finetune.load_reward_model`)."""
+    prompts = pairs["prompt"].tolist()
+    chosen = model.score(prompts, pairs["chosen"].tolist(), batch_size)
+    rejected = model.score(prompts, pairs["rejected"].tolist(), batch_size)
+    return score_table(pairs, chosen, rejected)

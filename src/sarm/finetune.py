@@ -29,8 +29,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from sarm import activations, checkpoints, models
+from sarm.cluster import training_memory_mb
 from sarm.errors import SarmError
-from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, model_config, set_topk
+from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, messages, model_config, set_topk
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,8 @@ class PairCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
-        ids, mask = _pad(sequences, self.pad_id)
+        ids, mask = activations.pad_right(sequences, self.pad_id)
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def _pad(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def _final_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -212,19 +204,10 @@ class _History(TrainerCallback):
 
 def estimate_memory_mb(n_params: int, n_trainable: int, sequences: int, length: int, config, checkpointing: bool,
                        on_gpu: bool, shards: int = 1) -> int:
-    """Peak memory of a training step on one device: fp32 weights and their bf16 autocast copies (6 B a
-    parameter), fp32 gradients and AdamW moments of the trained ones (12 B), activations of `sequences` x `length`
-    tokens (per layer ~34 bytes x tokens x hidden plus 5 bytes x heads x length^2 x sequences for attention,
-    Korthikanti et al. 2022; with checkpointing only each layer's bf16 input and one layer's working set), and
-    the process itself (CUDA context or Python + torch + transformers), x 1.2. `shards`: GPUs that ZeRO-3
-    splits weights and states over. For SmolLM2 layers 1..15 at 4 pairs x 384 tokens this gives 5.4 GB; the
-    job peaked at 5.4 GB RSS on 2 CPU cores (full depth: 8.5 GB estimated, 7.8 GB measured)."""
-    tokens = sequences * length
-    layer = 34 * tokens * config.hidden_size + 5 * config.num_attention_heads * length**2 * sequences
-    n_layers = config.num_hidden_layers
-    acts = n_layers * 2 * tokens * config.hidden_size + layer if checkpointing else n_layers * layer
-    base = 500 * 2**20 if on_gpu else 1500 * 2**20
-    return int(((6 * n_params + 12 * n_trainable) / shards + acts + base) / 2**20 * 1.2)
+    """`cluster.training_memory_mb` for a model config (hidden size, layers, heads): the job's resource request
+    and this check before training use the one memory model."""
+    return training_memory_mb(n_params, n_trainable, sequences, length, config.hidden_size, config.num_hidden_layers,
+                              config.num_attention_heads, checkpointing, on_gpu, shards)
 
 
 def check_fits(estimate_mb: int, available_mb: int | None, where: str) -> None:
@@ -427,16 +410,12 @@ class ClassifierRewardModel:
         if self._model is None:
             self._load()
         max_length = self.config["base_model"]["max_length"]
-        encoded = [activations.encode(self._tokenizer, _messages(p), r, max_length).input_ids for p, r in zip(prompts, responses)]
+        encoded = [activations.encode(self._tokenizer, messages(p), r, max_length).input_ids for p, r in zip(prompts, responses)]
         out = np.empty(len(encoded), dtype=np.float64)
         for batch in activations.length_sorted_batches([len(e) for e in encoded], batch_size):
-            ids, mask = _pad([encoded[i] for i in batch], self._tokenizer.pad_token_id)
+            ids, mask = activations.pad_right([encoded[i] for i in batch], self._tokenizer.pad_token_id)
             out[batch] = classifier_rewards(self._model, ids.to(self.device), mask.to(self.device)).cpu().numpy()
         return out
-
-
-def _messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def load_reward_model(path: str | Path, device: str = "cpu"):
@@ -447,15 +426,6 @@ def load_reward_model(path: str | Path, device: str = "cpu"):
     if json.loads((path / CONFIG_FILE).read_text()).get("format") == "hf-sequence-classifier":
         return ClassifierRewardModel(path, device)
     return RewardModel.from_pretrained(path, device)
-
-
-def score_pairs(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
-    """Per-example scores of a pair table from raw text (no cached activations: the backbone was fine-tuned)."""
-    prompts = pairs["prompt"].tolist()
-    chosen = model.score(prompts, pairs["chosen"].tolist(), batch_size)
-    rejected = model.score(prompts, pairs["rejected"].tolist(), batch_size)
-    extra = [c for c in pairs.columns if c not in ("prompt", "chosen", "rejected", "dataset")]
-    return pairs[extra].assign(score_chosen=np.asarray(chosen, float), score_rejected=np.asarray(rejected, float))
 
 
 # --- one job on several GPUs: the rule's script re-launches this module under accelerate ---

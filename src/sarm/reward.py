@@ -238,7 +238,7 @@ class RewardModel:
         if self._backbone is None:
             self.load_backbone(self.device)
         max_length = self.config["base_model"]["max_length"]
-        return [activations.encode(self._tokenizer, _messages(p), r, max_length) for p, r in zip(prompts, responses)]
+        return [activations.encode(self._tokenizer, messages(p), r, max_length) for p, r in zip(prompts, responses)]
 
     def encode_texts(self, texts: list[str]) -> list[activations.Encoded]:
         """Token ids of conversations already rendered with the chat template (e.g. OpenRLHF's queries).
@@ -322,7 +322,8 @@ class RewardModel:
         return path if path.is_absolute() else Path(getattr(self, "folder", ".")) / path
 
 
-def _messages(prompt) -> list[dict]:
+def messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user turn."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 

@@ -4,12 +4,12 @@
 
 rule ablation_orderings:
     input:
-        scores=expand(f"{RESULTS}/eval/{{rm}}/{{table}}/scores.parquet", rm=TRAINED_MODELS, table=EVAL_TABLES),
+        scores=expand(f"{RESULTS}/eval/{{rm}}/{{table}}/scores.parquet", rm=REWARD_MODELS, table=EVAL_TABLES),
     output:
         expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"]),
     params:
         specs=REWARD_MODELS,
-        models=list(TRAINED_MODELS),
+        models=list(REWARD_MODELS),
         tables=EVAL_TABLES,
     log:
         "logs/ablation_orderings.log",

@@ -22,7 +22,6 @@ LAYER = config["model"]["layer"]
 MODEL_DIR = f"{RESOURCES}/models/{MODEL}"
 ACT = f"{RESULTS}/activations/{MODEL}-L{LAYER}"
 SAE = f"{MODEL}-L{LAYER}"
-TRAINED_MODELS = REWARD_MODELS
 FROZEN = [name for name, spec in REWARD_MODELS.items() if spec["mode"] == "frozen"]  # heads on cached features
 TUNED = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "frozen"]  # trained on token ids
 BASELINES = ["length"]
@@ -60,7 +59,7 @@ def _alternatives(names):
 wildcard_constraints:
     dataset=_alternatives(config["datasets"]),
     table=_alternatives(["train", *EVAL_TABLES]),
-    rm=_alternatives(TRAINED_MODELS),
+    rm=_alternatives(REWARD_MODELS),
     sae_kind=_alternatives(["token", "random"]),
 
 

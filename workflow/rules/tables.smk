@@ -5,7 +5,7 @@ rule tables:
     input:
         summaries=expand(
             f"{RESULTS}/eval/{{model}}/{{table}}/summary.json",
-            model=[*TRAINED_MODELS, *BASELINES],
+            model=[*REWARD_MODELS, *BASELINES],
             table=EVAL_TABLES,
         ),
         sae=f"{RESULTS}/sae/{SAE}/metrics.json",
@@ -18,7 +18,7 @@ rule tables:
             category="Accuracy",
         ),
     params:
-        models=[*TRAINED_MODELS, *BASELINES],
+        models=[*REWARD_MODELS, *BASELINES],
         tables=EVAL_TABLES,
     log:
         "logs/tables.log",
@@ -47,7 +47,7 @@ rule paper_tables:
         unpack(paper_reference),
         summaries=expand(
             f"{RESULTS}/eval/{{model}}/{{table}}/summary.json",
-            model=[*TRAINED_MODELS, *BASELINES],
+            model=[*REWARD_MODELS, *BASELINES],
             table=EVAL_TABLES,
         ),
     output:
@@ -58,7 +58,7 @@ rule paper_tables:
             category="Accuracy",
         ),
     params:
-        models=[*TRAINED_MODELS, *BASELINES],
+        models=[*REWARD_MODELS, *BASELINES],
         tables=EVAL_TABLES,
         names=PAPER_TABLES,
         # name -> spec (features, mode, sae, topk): which reward model is which ablation row of Table 2

@@ -2,8 +2,8 @@ import json
 
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
-from sarm.evaluate import score_cached
-from sarm.finetune import load_reward_model, score_pairs
+from sarm.evaluate import score_cached, score_text
+from sarm.finetune import load_reward_model
 from sarm.rewardbench import summarize
 from sarm.workflow import run_script
 
@@ -15,7 +15,7 @@ def main(snakemake):
         scores = score_cached(model, ActivationCache(snakemake.input.activations), pairs)
     else:  # a tuned backbone: from the text
         model = load_reward_model(snakemake.input.model, snakemake.params.device)
-        scores = score_pairs(model, pairs, snakemake.params.batch_size)
+        scores = score_text(model, pairs, snakemake.params.batch_size)
     scores.to_parquet(snakemake.output.scores, index=False)
     with open(snakemake.output.summary, "w") as f:
         json.dump(summarize(scores, snakemake.wildcards.rm), f, indent=2)
