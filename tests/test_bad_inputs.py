@@ -105,3 +105,10 @@ def test_unknown_file_type(tmp_path):
     path.write_text("a,b\n")
     with pytest.raises(SarmError, match="unknown file type"):
         load_pairs("c", {"path": str(path), "format": "rewardbench"})
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "", "cpu0"])
+def test_a_device_that_is_no_device_is_one_line(name):
+    """`sarm score --device gpu` ended in a torch traceback."""
+    with pytest.raises(SarmError, match=rf"^config key device: {name!r} is not a device \(auto, cpu, cuda or cuda:N\)$"):
+        models.resolve_device(name)

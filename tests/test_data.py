@@ -312,3 +312,33 @@ def test_split_pairs_sizes_and_determinism(helpful):
 def test_split_pairs_rejects_bad_fraction(helpful, fraction):
     with pytest.raises(SarmError, match="val_fraction"):
         split_pairs(helpful[0], fraction, seed=0)
+
+
+@pytest.mark.parametrize("fmt", ["rewardbench", "rewardbench2", "chat"])
+@pytest.mark.parametrize("missing", ["subset", "category"])
+def test_a_row_without_the_subset_or_category_its_file_gives_is_skipped_and_counted(tmp_path, caplog, fmt, missing):
+    """Such a row became a one-pair category named after the data set, weighted like a whole section: the
+    RewardBench overall moved (45.5 -> 56.2) with exit 0."""
+    rows = [rb_row(i, category="chat") for i in range(4)]
+    if fmt == "rewardbench2":
+        rows = [{**row, "chosen": [row["chosen"]], "rejected": [row["rejected"]]} for row in rows]
+    if fmt == "chat":
+        rows[2][missing] = None  # the key given, its value null
+    else:
+        del rows[2][missing]
+    path = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="sarm.data"):
+        table, report = load_pairs("mine", {"path": str(path), "format": fmt})
+    assert report["skipped"] == {f"missing_{missing}": 1} and report["pairs_kept"] == 3
+    assert set(table["subset"]) == {"s"} and set(table["category"]) == {"chat"}
+    assert f"missing_{missing}=1" in caplog.text
+
+
+
+def test_a_jsonl_line_holding_a_line_separator_character_is_one_row(tmp_path):
+    """JSON allows U+2028, U+0085 and \\x1c raw inside a string; str.splitlines cut the line there and the file
+    was refused as invalid JSON."""
+    text = "first\u2028second\x85third\x1cfourth"
+    path = tmp_path / "seps.jsonl"
+    path.write_text(json.dumps(rb_row(0, chosen=text), ensure_ascii=False) + "\r\n" + json.dumps(rb_row(1)) + "\n", encoding="utf-8")
+    assert [row["chosen"] for row in read_records(path)] == [text, "a good answer"]

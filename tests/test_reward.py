@@ -78,3 +78,120 @@ def test_cli_scores_like_the_package(trained, capsys):
     printed = float(capsys.readouterr().out.split(":")[1].strip(" }\n"))
     expected = RewardModel.from_pretrained(root / "rm").score([prompt], [response])[0]
     assert printed == pytest.approx(expected, abs=1e-5)
+
+
+# --- a reward-model folder never runs code, nor gives a NaN score ---
+
+SHIPPED_CODE = '''
+import os
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaModel
+
+Path(os.environ["SARM_TEST_MARKER"]).write_text("the folder's code ran")
+
+
+class ShippedConfig(LlamaConfig):
+    pass
+
+
+class ShippedModel(LlamaModel):
+    config_class = ShippedConfig
+'''
+
+
+def folder_with_shipped_code(trained, tiny_model_dir, tmp_path):
+    """A copy of the trained model whose base model ships Python (auto_map) and whose reward_model.json asks
+    for trust_remote_code."""
+    import json
+    import shutil
+
+    root, _, _ = trained
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "shipped.py").write_text(SHIPPED_CODE)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "shipped.ShippedConfig", "AutoModel": "shipped.ShippedModel"}
+    (base / "config.json").write_text(json.dumps(config))
+    folder = tmp_path / "rm"
+    shutil.copytree(root / "rm", folder)
+    spec = json.loads((folder / "reward_model.json").read_text())
+    spec["base_model"].update(path=str(base), trust_remote_code=True)
+    (folder / "reward_model.json").write_text(json.dumps(spec))
+    return folder
+
+
+def run_cli(*args, marker):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SARM_TEST_MARKER": str(marker), "HF_MODULES_CACHE": str(marker.parent / "modules")}
+    return subprocess.run([sys.executable, "-m", "sarm.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_folder_cannot_make_sarm_score_run_its_code(trained, tiny_model_dir, tmp_path):
+    """reward_model.json's trust_remote_code: true made `sarm score` import the Python inside the folder."""
+    folder, marker = folder_with_shipped_code(trained, tiny_model_dir, tmp_path), tmp_path / "marker"
+    args = ["score", "--model", str(folder), "--prompt", "Hi", "--response", "Hello."]
+    refused = run_cli(*args, marker=marker)
+    assert refused.returncode != 0 and not marker.exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"sarm: error: {folder}: its base model runs its own Python code")
+    assert "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
+    allowed = run_cli(*args, "--trust-remote-code", marker=marker)  # the person running it allows it
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert marker.exists() and math.isfinite(float(allowed.stdout.split(":")[1].strip(" }\n")))
+
+
+def test_loading_a_model_never_takes_trust_from_the_folder(trained, tiny_model_dir, tmp_path):
+    from sarm.finetune import load_reward_model
+
+    folder = folder_with_shipped_code(trained, tiny_model_dir, tmp_path)
+    for model in (RewardModel.from_pretrained(folder), load_reward_model(folder)):
+        assert model.trust_remote_code is False
+        with pytest.raises(SarmError, match="its base model runs its own Python code"):
+            model.score(["Hi"], ["Hello."])
+
+
+def test_a_head_with_nan_weights_is_refused_and_never_scores(trained, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from sarm.cli import main
+
+    root, val_pairs, _ = trained
+    folder = tmp_path / "rm"
+    shutil.copytree(root / "rm", folder)
+    weight = RewardModel.from_pretrained(folder).weight.clone()
+    weight[5] = float("nan")
+    save_file({"weight": weight}, folder / "head.safetensors")
+    with pytest.raises(SystemExit, match=f"^sarm: error: {folder / 'head.safetensors'}: non-finite weights"):
+        main(["score", "--model", str(folder), "--prompt", "Hi", "--response", "Hello."])
+    assert capsys.readouterr().out == ""  # no NaN printed
+    (folder / "head.safetensors").write_bytes((root / "rm" / "head.safetensors").read_bytes()[:40])
+    with pytest.raises(SarmError, match=f"^{folder / 'head.safetensors'}: corrupt or truncated .*re-run the rule that trained"):
+        RewardModel.from_pretrained(folder)
+
+
+def test_non_finite_scores_stop_evaluation_naming_the_cache(trained):
+    """NaN scores were counted as wrong pairs: a wrong accuracy with exit 0."""
+    root, val_pairs, _ = trained
+    model = RewardModel.from_pretrained(root / "rm")
+    model.weight[7] = float("inf")  # inf * 0 (a latent that does not fire) is NaN
+    with pytest.raises(SarmError, match=rf"^{root / 'rm'}: 8 of 8 rewards from the cache {root / 'val'} are not finite"):
+        score_cached(model, A.ActivationCache(root / "val"), val_pairs)
+
+
+def test_a_folder_whose_base_model_is_gone_names_it(trained, tmp_path):
+    import json
+    import shutil
+
+    root, _, _ = trained
+    folder = tmp_path / "rm"
+    shutil.copytree(root / "rm", folder)
+    spec = json.loads((folder / "reward_model.json").read_text())
+    spec["base_model"]["path"] = "/elsewhere/resources/models/tiny"  # written on another machine
+    (folder / "reward_model.json").write_text(json.dumps(spec))
+    with pytest.raises(SarmError, match=r"base model /elsewhere/resources/models/tiny does not exist \(was the folder moved"):
+        RewardModel.from_pretrained(folder).score(["Hi"], ["Hello."])

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -174,6 +175,46 @@ def test_second_run_has_nothing_to_do(smoke_run, tiny_model_dir, shared_data):
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
 
 
+# --- what re-runs: an edited local source does, a throughput-only key does not ---
+
+
+def test_editing_a_local_data_file_reruns_its_fetch(tiny_model_dir, shared_data, tmp_path):
+    """Swapping chosen/rejected in a local eval file re-ran nothing (`snakemake -n`: nothing to be done) and
+    provenance kept the old checksum: the file was no input of fetch_dataset."""
+    import gzip
+
+    config = tiny_config(tiny_model_dir, shared_data)
+    local = tmp_path / "rb.jsonl"
+    rows = [json.loads(line) for line in gzip.open(shared_data / "rewardbench-like/rb_like_eval.jsonl.gz", "rt")][:20]
+    local.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config["datasets"]["rb-like"]["path"] = str(local)
+    target = "resources/data/rb-like.parquet"
+    assert snakemake(tmp_path / "w", config, target).returncode == 0
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(tmp_path / "w", config, target, "-n"))
+    swapped = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]
+    local.write_text("".join(json.dumps(row) + "\n" for row in swapped))
+    os.utime(local, (local.stat().st_atime, (tmp_path / "w" / target).stat().st_mtime + 5))
+    again = snakemake(tmp_path / "w", config, target, "-n")
+    assert again.returncode == 0 and "fetch_dataset" in again.stdout and "Nothing to be done" not in again.stdout + again.stderr
+
+
+def test_changing_model_batch_size_fetches_nothing_but_editing_the_local_model_does(tiny_model_dir, shared_data, tmp_path):
+    """model.batch_size (throughput only) re-fetched the model, and so re-ran the whole DAG."""
+    config = tiny_config(tiny_model_dir, shared_data)
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config["model"]["path"] = str(tmp_path / "model")
+    target = "resources/models/tiny"
+    assert snakemake(tmp_path / "w", config, target).returncode == 0
+    config["model"]["batch_size"] = 3
+    result = snakemake(tmp_path / "w", config, target, "-n")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+    edited = tmp_path / "model" / "config.json"  # an edited file of the folder (its content: mtime alone is not enough)
+    edited.write_text(json.dumps({**json.loads(edited.read_text()), "rope_theta": 20000.0}))
+    os.utime(edited, (time.time() + 5, time.time() + 5))
+    result = snakemake(tmp_path / "w", config, target, "-n")
+    assert result.returncode == 0 and "fetch_model" in result.stdout
+
+
 # --- bad input: one clear line naming the key, file or row, and nothing partial left behind ---
 
 
@@ -205,6 +246,28 @@ def test_bad_config_fails_at_start_naming_the_key(tiny_model_dir, shared_data, t
     result = snakemake(tmp_path, bad(tiny_model_dir, shared_data, **changes), "-n")
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("datasets", "..", "config key datasets: '..' cannot be a name; it becomes a folder name"),
+        ("eval", "tokens", "config key eval.datasets: 'tokens' is reserved for the SAE corpus caches"),
+        ("explain", "..", "config key explain.table: '..' is not one of the tables (train, val, rb-like)"),
+    ],
+)
+def test_a_name_that_would_escape_its_folder_is_refused(tiny_model_dir, shared_data, tmp_path, key, value, message):
+    """`..` as a data set made its cache folder results/activations itself (Snakemake then deleted the train
+    and val caches) and two reward models write one results/eval/scores.parquet."""
+    config = tiny_config(tiny_model_dir, shared_data)
+    if key == "explain":
+        config["explain"]["table"] = value
+    else:
+        config["datasets"][value] = config["datasets"].pop("rb-like")
+        config["eval"]["datasets"] = [value]
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_layer_outside_the_model_fails_in_its_rule_and_leaves_nothing(tiny_model_dir, shared_data, tmp_path):

@@ -8,10 +8,12 @@ token, (h - mean) / (std + eps), and streamed to safetensors shards, so memory s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +21,9 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sarm.errors import SarmError
@@ -30,6 +34,7 @@ SENTENCE_END_CHARS = frozenset(".,?!;\n")
 STANDARDIZE_EPS = 1e-6
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
+CHECKSUMS = "shard_sha256"  # meta.json key: shard file name -> sha256 of its bytes, checked when it is read
 
 
 @dataclass
@@ -45,6 +50,43 @@ class Encoded:
 def render(tokenizer, prompt: list[dict], response: str) -> str:
     messages = list(prompt) + [{"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+
+
+_SLOT = "\ue000{}\ue001"  # private-use characters: a message's place in a template rendered without its content
+
+
+def _template_spans(tokenizer, prompt: list[dict], response: str, text: str) -> list[tuple[int, int]] | None:
+    """Character spans of each message's content in `text` (the rendered conversation), read off the same
+    template rendered with a placeholder for each content: the template's own text lies between the
+    placeholders, so a content that repeats template text (its markup, a role name) is never mistaken for it.
+    None when the template changes contents in a way other than trimming them."""
+    contents = [m["content"] for m in prompt] + [response]
+    slots = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(prompt)]
+    try:
+        skeleton = render(tokenizer, slots, _SLOT.format(len(prompt)))
+    except Exception:  # a template that inspects contents: fall back to searching for them
+        return None
+    pieces, cursor = [], 0
+    for i in range(len(contents)):
+        start = skeleton.find(_SLOT.format(i), cursor)
+        if start < 0:
+            return None
+        pieces.append(skeleton[cursor:start])
+        cursor = start + len(_SLOT.format(i))
+    pieces.append(skeleton[cursor:])
+    spans, at = [], 0
+    for i, content in enumerate(contents):
+        if not text.startswith(pieces[i], at):
+            return None
+        at += len(pieces[i])
+        # the content as the template shows it: as given, or trimmed (e.g. Llama 3's `| trim`)
+        shown = next((c for c in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip()))
+                      if text.startswith(c + pieces[i + 1], at)), None)
+        if shown is None:
+            return None
+        spans.append((at, at + len(shown)))
+        at += len(shown)
+    return spans if at + len(pieces[-1]) == len(text) else None
 
 
 def _content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
@@ -83,11 +125,62 @@ def sentence_final_positions(text: str, offsets: list[tuple[int, int]], spans: l
     return positions
 
 
+_SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special added tokens (`<|im_end|>`, `<|eot_id|>`, ...), the ones text can forge."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):
+        ids = frozenset(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+        try:
+            _SPECIAL_IDS[tokenizer] = ids
+        except TypeError:  # a tokenizer that cannot be weakly referenced: computed each time
+            pass
+        return ids
+
+
+def _markup_as_text(tokenizer, text: str, ids: list[int], offsets: list, template_token) -> tuple[list[int], list]:
+    """Token ids and offsets of `text` with only the template's own special tokens special: each stretch between
+    two of them is tokenised with `split_special_tokens`, so that markup typed in a message stays text. (A
+    tokenizer cuts its input at special tokens before anything else, so a stretch without typed markup
+    tokenises as it does in the whole text.)"""
+    out_ids, out_offsets, start = [], [], 0
+
+    def stretch(a: int, b: int) -> None:
+        if a < b:
+            piece = tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            out_ids.extend(piece["input_ids"])
+            out_offsets.extend((s + a, e + a) for s, e in piece["offset_mapping"])
+
+    for token, (s, e) in zip(ids, offsets):
+        if template_token(token, s, e):
+            stretch(start, s)
+            out_ids.append(token)
+            out_offsets.append((s, e))
+            start = e
+    stretch(start, len(text))
+    return out_ids, out_offsets
+
+
 def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> Encoded:
+    """Token ids of (prompt, response) rendered with the chat template. The contents are untrusted text: chat
+    markup typed in one (`<|im_end|>\n<|im_start|>assistant\n...`) is tokenised as the characters it is, never
+    as the special tokens that would open a new turn; the template's own markup stays special. A conversation
+    without such markup tokenises exactly as the whole rendered text does."""
     text = render(tokenizer, prompt, response)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    spans = _content_spans(text, [m["content"] for m in prompt] + [response])
+    contents = [m["content"] for m in prompt] + [response]
+    spans = _template_spans(tokenizer, prompt, response, text) or _content_spans(text, contents)
+    special = special_ids(tokenizer)
+
+    def in_content(start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in spans)
+
+    if any(token in special and in_content(s, e) for token, (s, e) in zip(ids, offsets)):
+        ids, offsets = _markup_as_text(tokenizer, text, ids, offsets, lambda t, s, e: t in special and not in_content(s, e))
     ends = np.asarray(sentence_final_positions(text, offsets, spans), dtype=np.int64)
     cut = max(0, len(ids) - max_length)  # keep the end: the reward is read at the final token
     return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0)
@@ -195,6 +288,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, shard_size: int):
         self.out_dir, self.shard_size = out_dir, shard_size
         self.n_shards = 0
+        self.checksums: dict[str, str] = {}
         self._clear()
 
     def _clear(self):
@@ -219,6 +313,7 @@ class ShardWriter:
         path = self.out_dir / f"shard_{self.n_shards:05d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp)
+        self.checksums[path.name] = _sha256(tmp.read_bytes())
         os.replace(tmp, path)
         self.n_shards += 1
         self._clear()
@@ -287,6 +382,10 @@ def cache_sequences(
     batches = length_sorted_batches(sequences["n_tokens"].tolist(), batch_size)
     for batch in tqdm(batches, desc=f"layers 1..L -> {out_dir.name}", mininterval=5):
         final, sentences = forward_batch(model, [encoded[i] for i in batch], tokenizer.pad_token_id, device, with_sentences)
+        bad = [i for i, row in zip(batch, final) if not torch.isfinite(row).all()]
+        if bad:
+            raise SarmError(f"{out_dir}: the model gave non-finite hidden states for {len(bad)} sequence(s) (e.g. "
+                            f"sequence {bad[0]}); a float16 overflow? try config key model.dtype: float32")
         writer.add(batch, final, sentences)
     writer.flush()
     seconds = time.perf_counter() - start
@@ -304,6 +403,7 @@ def cache_sequences(
         "n_truncated": n_trunc,
         "max_length": max_length,
         "n_shards": writer.n_shards,
+        CHECKSUMS: writer.checksums,
         "forward_seconds": round(seconds, 3),
         "sequences_per_second": round(len(sequences) / max(seconds, 1e-9), 3),
         "tokens_per_second": round(int(sequences["n_tokens"].sum()) / max(seconds, 1e-9), 1),
@@ -313,36 +413,71 @@ def cache_sequences(
     return info
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class ActivationCache:
-    """Read side of a cached activation folder."""
+    """Read side of a cached activation folder. Every shard is checked against the sha256 its writer recorded
+    in meta.json as it is read (the bytes are hashed once, as they are loaded), and against non-finite values:
+    a corrupted cache stops the run naming the file, never gives scores."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not (self.folder / META_FILE).exists():
             raise SarmError(f"{self.folder} is not a finished activation cache (no {META_FILE}); re-run its rule")
-        self.meta = json.loads((self.folder / META_FILE).read_text())
-        self.index = pd.read_parquet(self.folder / INDEX_FILE)
+        try:
+            self.meta = json.loads((self.folder / META_FILE).read_text())
+            self.index = pd.read_parquet(self.folder / INDEX_FILE)
+        except (OSError, ValueError) as err:  # a truncated meta.json or index, or no index at all
+            raise SarmError(f"{self.folder}: unreadable cache ({type(err).__name__}); re-run its rule") from None
         self.shards = sorted(self.folder.glob("shard_*.safetensors"))
         if len(self.shards) != self.meta["n_shards"]:
             raise SarmError(f"{self.folder}: {len(self.shards)} shards found, {self.meta['n_shards']} written; re-run its rule")
+        self.checksums = self.meta.get(CHECKSUMS)  # None: a cache written before checksums were recorded
+        if self.checksums is None:
+            log.warning("%s records no shard checksums (written by an older version): corruption cannot be detected; "
+                        "re-run its rule to add them", self.folder)
 
     @property
     def hidden_size(self) -> int:
         return self.meta["hidden_size"]
 
+    def load_shard(self, shard: Path) -> dict[str, torch.Tensor]:
+        """The tensors of one shard, after checking its bytes against the recorded sha256."""
+        try:
+            data = shard.read_bytes()
+        except OSError as err:
+            raise SarmError(f"{shard}: unreadable activation shard ({err.strerror}); re-run the rule that cached {self.folder}") from None
+        if self.checksums is not None and self.checksums.get(shard.name) != _sha256(data):
+            raise SarmError(f"{shard}: corrupted activation shard (its sha256 differs from the one recorded in "
+                            f"{META_FILE}); delete {self.folder} and re-run the rule that cached it")
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError) as err:
+            raise SarmError(f"{shard}: corrupt or truncated safetensors ({err}); delete {self.folder} and re-run "
+                            "the rule that cached it") from None
+        for name in ("final", "sent"):
+            if name in tensors and not torch.isfinite(tensors[name]).all():
+                raise SarmError(f"{shard}: non-finite values in {name!r}; delete {self.folder} and re-run the rule "
+                                "that cached it")
+        return tensors
+
     def final(self) -> torch.Tensor:
         """Final-token vectors of all sequences, row = sequence number (chosen 2i, rejected 2i+1)."""
-        out = None
+        out = torch.full((len(self.index), self.hidden_size), float("nan"))
         for shard in self.shards:
-            tensors = load_file(shard)
-            if out is None:
-                out = torch.empty(len(self.index), tensors["final"].shape[1])
+            tensors = self.load_shard(shard)
             out[tensors["seq"]] = tensors["final"]
+        missing = torch.isnan(out).any(1).nonzero().flatten()
+        if len(missing):
+            raise SarmError(f"{self.folder}: {len(missing)} of {len(out)} sequences have no cached vector (the first: "
+                            f"{int(missing[0])}); delete it and re-run the rule that cached it")
         return out
 
     def sentence_shards(self) -> Iterator[torch.Tensor]:
         """Sentence-final vectors, one shard at a time (float32)."""
         for shard in self.shards:
-            tensors = load_file(shard)
+            tensors = self.load_shard(shard)
             if "sent" in tensors:
                 yield tensors["sent"].float()

@@ -200,8 +200,11 @@ def score_candidates(reward_models: dict, cache, candidates: pd.DataFrame) -> pd
     scores = candidates[["id", "candidate", "win_prob", "n_chars"]].assign(
         n_tokens=index["n_tokens"].to_numpy(), truncated=index["truncated"].to_numpy()
     )
+    from sarm.reward import check_finite  # not at the top: the reporting rules need no torch
+
     for name, model in reward_models.items():
         if model.config["hidden_size"] != hidden.shape[1]:
             raise SarmError(f"reward model {name} reads {model.config['hidden_size']}-wide states, the cache holds {hidden.shape[1]}")
         scores[name] = model.score_hidden(hidden).numpy()
+        check_finite(scores[name], model, f"the cache {cache.folder}")
     return scores

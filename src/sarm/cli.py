@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 
 from sarm.errors import SarmError
@@ -13,12 +14,22 @@ from sarm.errors import SarmError
 COMMAND_MODULES: tuple[str, ...] = ("sarm.serve", "sarm.explain")
 
 
+def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
+    """The flag that allows a reward model's base model to run its own Python code; a folder never can."""
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow the base model's own Python code (transformers' trust_remote_code); only for a model you trust",
+    )
+
+
 def _score(args) -> None:
     from sarm.reward import RewardModel
 
-    model = RewardModel.from_pretrained(args.model, device=args.device)
-    rewards = model.score([args.prompt], [args.response])
-    print(json.dumps({"reward": float(rewards[0])}))
+    model = RewardModel.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    reward = float(model.score([args.prompt], [args.response])[0])
+    if not math.isfinite(reward):  # never printed as a score with exit 0
+        raise SarmError(f"{args.model}: the reward is {reward}")
+    print(json.dumps({"reward": reward}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompt", required=True)
     score.add_argument("--response", required=True)
     score.add_argument("--device", default="cpu")
+    add_trust_remote_code(score)
     score.set_defaults(func=_score)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -17,7 +17,8 @@ Runtimes assume `GPU_TFLOPS` effective on a GPU and `CPU_TFLOPS_PER_THREAD` per 
 of what the embedded default measured on 2 cores), doubled, plus `SETUP_MINUTES`: planning figures that
 err long, since a job killed at its limit costs a retry. Only the numbers a scheduler acts on are rounded.
 
-Multi-GPU: `launch_command` builds the command that runs a Python module on N GPUs of one node.
+Multi-GPU: `launch_command` builds the command that runs a Python module in N processes of one node (one per
+GPU, or `finetune.cpu_processes` on a CPU job).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import gzip
 import json
 import logging
 import math
-import os
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,16 +254,18 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
             tokens = 2 * pairs * min(model["max_length"], AVG_TOKENS_CAP) * config["finetune"]["epochs"]
             flops = 8 * n * tokens  # forward + backward (6) + the forward gradient checkpointing repeats (2)
             trained = n if spec["mode"] != "finetune" else n - sae_params
-            gpus = config["finetune"]["gpus"] if gpu else 1
+            # the processes the job's script launches (sarm.finetune.processes): one per GPU, or cpu_processes
+            procs = config["finetune"]["gpus"] if gpu else config["finetune"].get("cpu_processes", 1)
             layers = shape.num_hidden_layers if spec["mode"] == "full_depth" else min(model["layer"], shape.num_hidden_layers)
-            step_mb = training_memory_mb(  # what sarm.finetune checks before training, on one device
+            step_mb = training_memory_mb(  # what sarm.finetune checks before training, per process
                 int(n), int(trained), 2 * config["finetune"]["per_device_batch_size"], model["max_length"], h, layers,
                 shape.heads, config["finetune"]["gradient_checkpointing"], gpu,
-                gpus if config["finetune"].get("zero3") else 1,
+                procs if config["finetune"].get("zero3") else 1,
             )
-            host = BASE_MB + _mb(n * 4 * 1.25) if gpu else step_mb * 1.1
+            # every process loads the fp32 model on the host before moving it to its GPU (or trains there)
+            host = procs * (BASE_MB + _mb(n * 4 * 1.25) if gpu else step_mb * 1.1)
             gpu_mem = step_mb if gpu else 0
-            flops /= gpus
+            flops /= procs if gpu else 1  # CPU processes share the job's threads
         else:
             sequences = 2 * table_pairs(config, table or "val")
             flops = 2 * n * sequences * min(model["max_length"], AVG_TOKENS_CAP)
@@ -309,36 +310,30 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
     }
 
 
-def launch_command(module: str, args: list[str], gpus: int, mixed_precision: str = "bf16",
-                   deepspeed_config: str | None = None, main_process_port: int | None = None) -> str:
-    """The command that runs `python -m module args` on `gpus` GPUs of one node.
+def launch_command(module: str, args: list[str], processes: int) -> list[str]:
+    """The command that runs `python -m module args` in `processes` data-parallel processes of one node.
 
-    One GPU (or none): the module in this Python. Several: `accelerate launch` with one process per GPU
-    (data parallel; with `deepspeed_config`, DeepSpeed, e.g. ZeRO-3 as the paper's fine-tuning used).
-    The rendezvous port comes from SLURM_JOB_ID when not given, so two jobs on one node do not collide."""
-    if gpus < 0:
-        raise ValueError(f"gpus must be >= 0, not {gpus}")
-    if gpus <= 1:
-        return shlex.join([sys.executable, "-m", module, *args])
-    if main_process_port is None:
-        main_process_port = 29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000
-    command = [
-        "accelerate", "launch", "--num_machines", "1", "--num_processes", str(gpus),
-        "--main_process_port", str(main_process_port), "--mixed_precision", mixed_precision,
-    ]
-    if deepspeed_config:
-        command += ["--use_deepspeed", "--deepspeed_config_file", deepspeed_config]
-    else:
-        command += ["--multi_gpu"]
-    return shlex.join([*command, "-m", module, *args])
+    One: the module in this Python. Several: torchrun (`python -m torch.distributed.run --standalone`, a free
+    rendezvous port of its own, so two jobs on one node do not collide) with one process per GPU, or per CPU
+    share when the job runs on the CPU (the module's Trainer then uses gloo). DeepSpeed ZeRO-3 and bf16 come
+    from the module's TrainingArguments, not from the launcher."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, not {processes}")
+    if processes == 1:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(processes), "-m", module, *args]
 
 
 PLACEHOLDER = "CHANGE-ME"
 
 
 def check_submission(workflow) -> None:
-    """Before the first SLURM submission (Snakemake's `onstart`): stop on a profile placeholder left in, and
-    warn when a one-machine GPU limit (profiles/default's `resources: gpu=1`) would serialise GPU jobs."""
+    """Before the first SLURM submission (Snakemake's `onstart`): stop on a profile placeholder left in; stop
+    when the controller (`sinfo`) or the accounting daemon (`sacct`, which the executor reads job states
+    from) does not answer, naming which; stop when a job asks for more GPUs than any node of its partition
+    has (it would wait in the queue forever); warn when a one-machine GPU limit (profiles/default's
+    `resources: gpu=1`) would serialise GPU jobs."""
     from snakemake.exceptions import WorkflowError
     from snakemake.logging import logger
 
@@ -353,6 +348,22 @@ def check_submission(workflow) -> None:
                     f"profiles/slurm/config.yaml: {key} is still the placeholder {PLACEHOLDER!r} (rule {job.rule.name}): "
                     "set it to yours, or delete the line where your cluster needs none"
                 )
+    nodes = slurm_command(["sinfo", "--noheader", "--Node", "--format=%P|%G"], "the SLURM controller (slurmctld)")
+    slurm_command(["sacct", "--noheader", "--allocations", "--starttime=now", "--format=JobID"], "SLURM accounting (slurmdbd)")
+    capacity, default = gpus_per_partition(nodes)
+    short = {}
+    for job in jobs:
+        asked = job.resources.get("gpu", 0)
+        partition = str(job.resources.get("slurm_partition", "") or default)
+        if isinstance(asked, int) and asked > 0 and partition in capacity and asked > capacity[partition]:
+            short.setdefault((partition, capacity[partition]), {})[job.rule.name] = asked
+    for (partition, has), rules in short.items():
+        asks = ", ".join(f"{rule} asks for {n}" for rule, n in sorted(rules.items()))
+        raise WorkflowError(
+            f"SLURM partition {partition!r} has no node with more than {has} GPU(s) (sinfo -o %G), but {asks}: such "
+            "jobs would wait in the queue forever. Run on the CPU (config key device: cpu), or give those rules a GPU "
+            "partition (slurm_partition under set-resources in profiles/slurm/config.yaml)"
+        )
     limit = workflow.global_resources.get("gpu")
     limit = getattr(limit, "value", limit)
     gpu_jobs = sum(1 for job in jobs if job.resources.get("gpu", 0))
@@ -361,3 +372,109 @@ def check_submission(workflow) -> None:
             f"--resources gpu={limit} runs at most {limit} GPU job(s) at a time on the cluster (profiles/default is "
             "applied along with --profile; use --workflow-profile profiles/slurm instead)"
         )
+
+
+SLURM_TIMEOUT_S = 30  # a SLURM client command slower than this counts as its daemon being down
+
+
+def slurm_command(command: list[str], daemon: str) -> str:
+    """Run a SLURM client command and return its output; when it is missing, fails or hangs, one WorkflowError
+    naming the daemon it needs and the command."""
+    import shlex
+    import subprocess
+
+    from snakemake.exceptions import WorkflowError
+
+    shown = shlex.join(command)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except FileNotFoundError:
+        raise WorkflowError(f"SLURM: `{command[0]}` is not installed here: run Snakemake where the SLURM commands are (a login node)") from None
+    except subprocess.TimeoutExpired:
+        raise WorkflowError(f"SLURM: {daemon} did not answer `{shown}` within {SLURM_TIMEOUT_S} s") from None
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise WorkflowError(
+            f"SLURM: {daemon} is not reachable: `{shown}` failed ({lines[-1] if lines else f'exit status {result.returncode}'}). "
+            "Is the cluster up? (on this machine: tests/slurm/up.sh)"
+        )
+    return result.stdout
+
+
+def gpus_per_partition(sinfo_nodes: str) -> tuple[dict[str, int], str | None]:
+    """The most GPUs one node of each partition has, and the default partition, from `sinfo -N -o '%P|%G'`
+    (gres such as `gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:1,shard:2` or `(null)`)."""
+    import re
+
+    capacity: dict[str, int] = {}
+    default = None
+    for line in sinfo_nodes.splitlines():
+        if "|" not in line:
+            continue
+        partition, gres = line.strip().split("|", 1)
+        if partition.endswith("*"):
+            partition = default = partition[:-1]
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+        capacity[partition] = max(capacity.get(partition, 0), gpus)
+    return capacity, default
+
+
+def explain_slurm_failures(workflow, log) -> list[str]:
+    """After a failed run (Snakemake's `onerror`): one line per failed SLURM job saying why SLURM ended it
+    (its time limit, its memory: the plugin itself says only 'FAILED'), from sacct and the job's SLURM log.
+    Returns the lines, which are also logged."""
+    import re
+
+    from snakemake.logging import logger
+
+    plugin = getattr(workflow, "executor_plugin", None)
+    if plugin is None or plugin.name != "slurm":
+        return []
+    logs = [log] if isinstance(log, (str, Path)) else list(log or [])  # Snakemake 9 passes a list
+    text = "".join(Path(f).read_text(errors="replace") for f in logs if Path(f).is_file())
+    lines = []
+    for block in re.finditer(r"Error in rule (\S+):\n\s+message: SLURM-job '(\d+)' failed(.*?)external_jobid", text, re.S):
+        rule, jobid = block.group(1), block.group(2)
+        found = re.search(rf"(\S*slurm_logs\S*/{jobid}\.log)", block.group(3))
+        slurm_log = found.group(1) if found else None
+        why = _failure_reason(jobid, slurm_log)
+        where = f"; its SLURM log: {slurm_log}" if slurm_log else ""
+        lines.append(f"SLURM job {jobid} (rule {rule}) {why}{where}")
+    for line in lines:
+        logger.error(line)
+    return lines
+
+
+def _sacct_mb(text: str) -> float | None:
+    import re
+
+    m = re.match(r"([\d.]+)([KMGT]?)", text or "")
+    if not m:
+        return None
+    return float(m.group(1)) * {"": 1 / 2**20, "K": 1 / 1024, "M": 1, "G": 1024, "T": 2**20}[m.group(2)]
+
+
+def _failure_reason(jobid: str, slurm_log: str | None) -> str:
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["sacct", "-j", jobid, "--noheader", "--parsable2", "--format=State,ExitCode,MaxRSS,ReqMem,Elapsed,Timelimit"],
+                             capture_output=True, text=True, timeout=SLURM_TIMEOUT_S).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 5]
+    if not rows:
+        return "failed (sacct knows nothing of it)"
+    state, exit_code, _, asked, elapsed, limit = rows[0]
+    peak = max((_sacct_mb(r[2]) or 0 for r in rows), default=0)
+    asked_mb = _sacct_mb(asked.rstrip("nc"))
+    log_text = Path(slurm_log).read_text(errors="replace") if slurm_log and Path(slurm_log).is_file() else ""
+    states = {r[0].split()[0] for r in rows}
+    if "TIMEOUT" in states or "DUE TO TIME LIMIT" in log_text:
+        return f"was killed by SLURM at its time limit ({limit}, the rule's runtime) after {elapsed}: ask for more runtime, or let --retries ask for attempt x runtime"
+    if "OUT_OF_MEMORY" in states or re.search(r"oom[-_]kill|exceeded (job )?memory limit", log_text, re.I):
+        size = f" (peak {peak:.0f} MB of the {asked_mb:.0f} MB asked)" if peak and asked_mb else f" ({asked} asked)"
+        return f"was killed by SLURM over its memory{size}: ask for more mem_mb, or let --retries ask for attempt x mem_mb"
+    return f"failed with SLURM state {state} (exit code {exit_code}) after {elapsed}: the rule's log says why"
+

@@ -243,6 +243,9 @@ FORMATS: dict[str, Callable[[dict, str, dict], dict | list[dict]]] = {
     "llmbar": _llmbar,
 }
 
+# Columns that label a row for the summaries: when a source has one, each of its rows must have it.
+LABEL_COLUMNS = ("subset", "category")
+
 # Columns a source must have (in at least one row) for each format.
 _REQUIRED = {
     "hh_rlhf": ("chosen", "rejected"),
@@ -283,7 +286,8 @@ def _json_records(path: Path, text: str) -> list[dict]:
 
 def _jsonl_records(path: Path, text: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split at "\n" only: str.splitlines also splits at U+2028, U+0085, \x1c.., which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -420,9 +424,16 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
             raise SarmError(f"dataset {name}: column {column!r} missing from {source} (columns: {sorted(columns)})")
 
     adapter = FORMATS[spec["format"]]
+    # A source that labels its rows labels every row: one row without a subset or category would otherwise
+    # become a category of its own (named after the data set), weighted like a whole section in the summary.
+    # (A category in the config entry is the fallback the person asked for.)
+    labelled = [column for column in LABEL_COLUMNS if column in columns and not (column == "category" and spec.get("category"))]
     pairs, skipped, seen = [], Counter(), set()
     for index, row in enumerate(records):
         try:
+            for column in labelled:
+                if not (isinstance(row.get(column), str) and row[column].strip()):
+                    raise _Skip(f"missing_{column}")
             pair = adapter(row, name, spec)
             if isinstance(pair, dict) and pair["chosen"] == pair["rejected"]:
                 raise _Skip("identical_responses")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from sarm.activations import ActivationCache
 from sarm.errors import SarmError
-from sarm.reward import RewardModel
+from sarm.reward import RewardModel, check_finite
 from sarm.rewardbench import score_table
 
 
@@ -17,6 +18,7 @@ def score_cached(model: RewardModel, cache: ActivationCache, pairs: pd.DataFrame
     if cached_ids != pairs["id"].tolist():
         raise SarmError(f"{cache.folder} was cached from other pairs than the table given; re-run its rule")
     rewards = model.score_hidden(cache.final()).numpy()
+    check_finite(rewards, model, f"the cache {cache.folder}")
     return score_table(pairs, rewards[0::2], rewards[1::2])
 
 
@@ -26,4 +28,5 @@ def score_text(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame
     prompts = pairs["prompt"].tolist()
     chosen = model.score(prompts, pairs["chosen"].tolist(), batch_size)
     rejected = model.score(prompts, pairs["rejected"].tolist(), batch_size)
+    check_finite(np.concatenate([chosen, rejected]), model, "the pairs' text")
     return score_table(pairs, chosen, rejected)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from sarm import activations, models
 from sarm.errors import SarmError
@@ -160,7 +159,7 @@ def corpus_contexts(cache: activations.ActivationCache, sae, feature_ids: list[i
     cols = torch.tensor(feature_ids, dtype=torch.long)
     values, seqs, ordinals = [], [], []
     for shard in cache.shards:
-        tensors = load_file(shard)
+        tensors = cache.load_shard(shard)  # checked against its recorded sha256
         if "sent" not in tensors:
             continue
         sent_seq = tensors["sent_seq"].numpy()
@@ -237,6 +236,7 @@ def feature_stats(
     n_tokens: int = 10,
 ) -> dict:
     """Everything a feature card shows, for the selected features, as a JSON-ready dict."""
+    from sarm.reward import remote_code  # sarm.reward imports this module's neighbours; import it late
     if model.config["features"] != "sae":
         raise SarmError("feature cards need a SARM reward model (features: sae), not the dense baseline")
     if eval_cache.index.loc[eval_cache.index["side"] == "chosen", "id"].tolist() != eval_pairs["id"].tolist():
@@ -247,14 +247,15 @@ def feature_stats(
     picked = select_features(model.weight, fires.float().mean(0), n_weight, n_frequent, extra)
     ids = [p["feature"] for p in picked]
     base = model.config["base_model"]
-    tokenizer = models.load_tokenizer(model.backbone_path, base.get("chat_template"), base.get("trust_remote_code", False))
+    trust = remote_code(base, model.trust_remote_code, getattr(model, "folder", "reward model"))  # the caller's decision
+    tokenizer = models.load_tokenizer(model.backbone_path, base.get("chat_template"), trust)
 
     corpus, n_corpus = ({f: {"top": [], "values": np.zeros(0)} for f in ids}, 0)
     if corpus_cache is not None and ids:
         corpus, n_corpus = corpus_contexts(corpus_cache, model.sae, ids, n_contexts)
     corpus_seqs = activations.pair_sequences(corpus_pairs) if corpus_pairs is not None else None
     eval_seqs = activations.pair_sequences(eval_pairs)
-    lens = logit_lens(model_dir, model.sae.W_dec[ids].detach().float(), n_tokens, base.get("trust_remote_code", False)) if ids else []
+    lens = logit_lens(model_dir, model.sae.W_dec[ids].detach().float(), n_tokens, trust) if ids else []
 
     cards = []
     for p, lens_row in zip(picked, lens):
@@ -429,7 +430,7 @@ def _command(args) -> None:
 
     from sarm.reward import RewardModel
 
-    model = RewardModel.from_pretrained(args.model, device=args.device)
+    model = RewardModel.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     feature = check_features([args.feature], len(model.weight), "--feature")[0] if args.feature is not None else None
     labels = None
     if args.labels:
@@ -447,6 +448,8 @@ def _command(args) -> None:
 
 
 def register(subparsers) -> None:
+    from sarm.cli import add_trust_remote_code
+
     cmd = subparsers.add_parser("explain", help="a reward as its features' contributions w_i*z_i, largest first")
     cmd.add_argument("--model", required=True, help="a reward model folder, e.g. results/reward/sarm")
     cmd.add_argument("--prompt", required=True)
@@ -456,4 +459,5 @@ def register(subparsers) -> None:
     cmd.add_argument("--labels", default=None, help="a labels.json of the workflow (results/explain/sarm/labels.json)")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmd.add_argument("--device", default="cpu")
+    add_trust_remote_code(cmd)
     cmd.set_defaults(func=_command)

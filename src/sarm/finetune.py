@@ -8,6 +8,11 @@ Modes (config key `reward_models.<name>.mode`):
   a 1-output score head) trained with the same BT loss.
 `features: hidden` in `finetune` mode is the dense baseline: the head reads the standardised hidden state.
 Every model reads its reward at the final token of the chat-templated prompt + response, as the cached path does.
+
+Several processes (data parallel): the rule's script writes the job's arguments to JSON and starts
+`torchrun --nproc_per_node N -m sarm.finetune job.json` (`sarm.cluster.launch_command`): one process per GPU
+(NCCL, `finetune.gpus`) or, without GPUs, `finetune.cpu_processes` CPU processes (gloo), the same code either
+way. Each run writes `ranks.json`: the world size, backend and the pair ids each rank trained on.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 from sarm import activations, checkpoints, models
 from sarm.cluster import training_memory_mb
 from sarm.errors import SarmError
-from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, messages, model_config, set_topk
+from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, messages, model_config, remote_code, set_topk
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,12 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return {"chosen": self.items[i][0], "rejected": self.items[i][1]}
+        return {"chosen": self.items[i][0], "rejected": self.items[i][1], "index": i}
 
 
 class PairCollator:
-    """Right-pads a batch of pairs into one [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected."""
+    """Right-pads a batch of pairs into one [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected; `pair_index`
+    (the pairs' rows in their table) says which rows a process trained on."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -72,7 +81,7 @@ class PairCollator:
     def __call__(self, items: list[dict]) -> dict:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
         ids, mask = activations.pad_right(sequences, self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "pair_index": torch.tensor([item["index"] for item in items])}
 
 
 def _final_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -151,9 +160,18 @@ def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float) -> dict:
 
 
 class _BTTrainer(Trainer):
-    """Trainer with a separate learning rate for the head (zero-initialised, it needs a larger one on short runs)."""
+    """Trainer with a separate learning rate for the head (zero-initialised, it needs a larger one on short runs);
+    `seen` keeps the table rows of the pairs this process trained on, in order."""
 
     head_lr: float | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[int] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.seen.extend(inputs.pop("pair_index").tolist())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -166,6 +184,7 @@ class _BTTrainer(Trainer):
         return self.optimizer
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = {k: v for k, v in inputs.items() if k != "pair_index"}
         with torch.no_grad(), self.autocast_smart_context_manager():
             outputs = model(**self._prepare_inputs(inputs))
         rewards = outputs["rewards"]
@@ -182,10 +201,12 @@ def _pair_accuracy(prediction) -> dict:
 
 class _FaultPoint(TrainerCallback):
     """Tests' SIGKILL point (checkpoints.fault_point) at the start of each epoch after the first: the previous
-    epoch's checkpoint is complete by then."""
+    epoch's checkpoint is complete by then. `finetune-rank<R>` kills only rank R of several processes."""
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        checkpoints.fault_point("finetune", round(state.epoch) + 1)
+        epoch = round(state.epoch) + 1
+        checkpoints.fault_point("finetune", epoch)
+        checkpoints.fault_point(f"finetune-rank{os.environ.get('RANK', '0')}", epoch)
 
 
 class _History(TrainerCallback):
@@ -219,14 +240,19 @@ def check_fits(estimate_mb: int, available_mb: int | None, where: str) -> None:
         )
 
 
-def zero3_config() -> dict:
+def zero3_config(hidden_size: int) -> dict:
     """DeepSpeed ZeRO-3 for transformers' Trainer (the paper's multi-GPU setup): parameters, gradients and
-    AdamW states sharded over the job's GPUs; "auto" values come from the TrainingArguments; the 16-bit weights
-    are gathered on rank 0 when the model is saved. Needs `pip install deepspeed` on the cluster."""
+    AdamW states sharded over the job's processes; batch, clipping and bf16 ("auto") come from the
+    TrainingArguments; the weights are gathered on rank 0 when the model is saved. The bucket sizes are what
+    transformers' "auto" would derive from `model.config.hidden_size`, given here because the reward-model
+    wrappers have no `config` (parameters under 10 x hidden stay whole on every rank). Needs
+    `pip install -e ".[deepspeed]"`."""
     return {
         "zero_optimization": {
-            "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+            "stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
             "stage3_gather_16bit_weights_on_model_save": True,
         },
         "bf16": {"enabled": "auto"},
@@ -237,9 +263,10 @@ def zero3_config() -> dict:
     }
 
 
-def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: int, device: str, seed: int) -> TrainingArguments:
+def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: int, device: str, seed: int,
+                       hidden_size: int | None = None) -> TrainingArguments:
     """The paper's recipe: bf16, cosine with 3 % warm-up, gradient accumulation to the global batch; ZeRO-3 when
-    config key finetune.zero3 is on."""
+    config key finetune.zero3 is on (`hidden_size` sizes its buckets)."""
     per_device = min(settings["per_device_batch_size"], settings["global_batch_size"])
     accumulation = max(1, settings["global_batch_size"] // (per_device * world_size))
     bf16 = models.resolve_dtype(settings["dtype"], device) == torch.bfloat16
@@ -266,7 +293,7 @@ def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: 
         seed=seed,
         disable_tqdm=False,
         dataloader_num_workers=0,
-        deepspeed=zero3_config() if settings.get("zero3") else None,
+        deepspeed=zero3_config(hidden_size) if settings.get("zero3") else None,
     )
 
 
@@ -277,10 +304,16 @@ def finetune_reward_model(
 ) -> tuple[Path, pd.DataFrame]:
     """Train one reward model of `spec` (mode finetune | joint | full_depth) and save it as a reward-model folder
     that `load_reward_model` reads. A job killed mid-run resumes from the Trainer's last epoch checkpoint
-    (kept in `<out_dir>.checkpoints`). Returns the folder and the training log."""
+    (kept in `<out_dir>.checkpoints`). Under torchrun every process runs this; rank 0 writes the folder.
+    Returns the folder and the training log."""
     out_dir = Path(out_dir)
     device = models.resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun, before any process group
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, before any process group
+    zero3 = bool(settings.get("zero3")) and world_size > 1
+    if settings.get("zero3") and not zero3:
+        log.info("finetune.zero3 with one process: nothing to shard over, trained without DeepSpeed")
+    settings = {**settings, "zero3": zero3}
+    train, dropped = _whole_batches(train, min(settings["per_device_batch_size"], settings["global_batch_size"]), world_size)
     tokenizer = models.load_tokenizer(model_dir, model_spec.get("chat_template"), model_spec.get("trust_remote_code", False))
     torch.manual_seed(seed)
     model = _build(spec, model_dir, model_spec, sae, tokenizer)
@@ -290,16 +323,17 @@ def finetune_reward_model(
     val_set = PairDataset(tokenizer, val, model_spec["max_length"])
     config = _backbone_config(model)
     estimate = estimate_memory_mb(n_params, n_trainable, 2 * settings["per_device_batch_size"], model_spec["max_length"],
-                                  config, settings["gradient_checkpointing"], device != "cpu",
-                                  world_size if settings.get("zero3") else 1)
+                                  config, settings["gradient_checkpointing"], device != "cpu", world_size if zero3 else 1)
     if device != "cpu":
         available_mb = torch.cuda.get_device_properties(torch.device(device)).total_memory // 2**20
-    check_fits(estimate, available_mb, "GPU" if device != "cpu" else "host")
-    log.info("%s: %s parameters (%s trained), about %s MB at batch %d x %d tokens", spec["mode"], f"{n_params:,}",
-             f"{n_trainable:,}", f"{estimate:,}", settings["per_device_batch_size"], model_spec["max_length"])
+        check_fits(estimate, available_mb, "GPU")
+    else:  # the job's host memory holds every process
+        check_fits(estimate * world_size, available_mb, "host" if world_size == 1 else f"host ({world_size} processes)")
+    log.info("%s: %s parameters (%s trained), about %s MB per process at batch %d x %d tokens", spec["mode"],
+             f"{n_params:,}", f"{n_trainable:,}", f"{estimate:,}", settings["per_device_batch_size"], model_spec["max_length"])
 
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
-    args = training_arguments(settings, checkpoint_dir, len(train_set), world_size, device, seed)
+    args = training_arguments(settings, checkpoint_dir, len(train_set), world_size, device, seed, config.hidden_size)
     history = _History(on_log)
     trainer = _BTTrainer(
         model=model.to(device), args=args, train_dataset=train_set, eval_dataset=val_set,
@@ -316,19 +350,59 @@ def finetune_reward_model(
         "tokens_per_second": round(train_set.n_tokens * settings["epochs"] / result.metrics["train_runtime"], 1),
         "resumed": resume,
     }
-    if settings.get("zero3"):  # the weights are sharded: gather them (every rank takes part), reload on rank 0
-        gathered = out_dir.with_name(out_dir.name + ".gathered")
-        trainer.save_model(str(gathered))
+    ranks = _gather_ranks(trainer, train)
+    if zero3:  # the weights are sharded: gather them (every rank takes part) into a plain model on rank 0
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)
         if trainer.is_world_process_zero():
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # else from_pretrained would build the model sharded again
             model = _build(spec, model_dir, model_spec, sae, tokenizer)
-            model.load_state_dict(load_file(gathered / "model.safetensors"))
+            model.load_state_dict({k: v.float() for k, v in state.items()})
             trainer.model = model
     if trainer.is_world_process_zero():
+        parallel = {"world_size": world_size, "backend": ranks["backend"], "pairs_dropped": dropped}
         _save(trainer.model, spec, settings, model_dir, model_spec, tokenizer, out_dir, seed,
-              {"val_accuracy": metrics["eval_accuracy"], "val_loss": metrics["eval_loss"], **speed, "memory_estimate_mb": estimate})
+              {"val_accuracy": metrics["eval_accuracy"], "val_loss": metrics["eval_loss"], **speed, **parallel,
+               "memory_estimate_mb": estimate}, ranks)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        shutil.rmtree(out_dir.with_name(out_dir.name + ".gathered"), ignore_errors=True)
     return out_dir, pd.DataFrame(history.rows)
+
+
+def _whole_batches(train: pd.DataFrame, per_device: int, world_size: int) -> tuple[pd.DataFrame, int]:
+    """Several processes: the pairs beyond a multiple of per_device x processes are dropped (the sampler would
+    otherwise fill the last batch with repeated pairs, and the processes would not see a batch each)."""
+    if world_size == 1:
+        return train, 0
+    unit = per_device * world_size
+    keep = len(train) - len(train) % unit
+    if keep == 0:
+        raise SarmError(f"{len(train)} training pairs are fewer than one batch per process ({per_device} x {world_size}); "
+                        "lower finetune.per_device_batch_size or the processes (finetune.gpus / finetune.cpu_processes)")
+    if keep < len(train):
+        log.warning("%d processes x %d pairs a batch: the last %d of %d training pairs are dropped", world_size,
+                    per_device, len(train) - keep, len(train))
+    return train.iloc[:keep], len(train) - keep
+
+
+def _gather_ranks(trainer: _BTTrainer, train: pd.DataFrame) -> dict:
+    """What each process did, gathered on every rank: the ids of the pairs it trained on, in order (a resumed
+    run: since the resume), and the parameters it holds (under ZeRO-3, its shard)."""
+    ids = train["id"].astype(str).tolist() if "id" in train.columns else [str(i) for i in range(len(train))]
+    params = list(trainer.model.parameters())
+    mine = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "pairs": [ids[i] for i in trainer.seen],
+        "local_parameters": int(sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)),
+        "parameters": int(sum(getattr(p, "ds_numel", p.numel()) for p in params)),
+    }
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        backend = torch.distributed.get_backend()
+    else:
+        everyone, backend = [mine], None
+    return {"world_size": len(everyone), "backend": backend, "ranks": sorted(everyone, key=lambda r: r["rank"])}
 
 
 def _build(spec, model_dir, model_spec, sae, tokenizer) -> nn.Module:
@@ -355,7 +429,11 @@ def _backbone_config(model):
     return model.classifier.config if isinstance(model, ClassifierForReward) else model.backbone.config
 
 
-def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict) -> None:
+RANKS_FILE = "ranks.json"
+
+
+def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict,
+          ranks: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     training = {"mode": spec["mode"], **settings, "seed": seed, **results}
@@ -381,6 +459,7 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
             spec, model_spec, model_dir, model.backbone.config.hidden_size, training, base_path=BACKBONE_DIR,
         )
         RewardModel(config, head, sae).save_pretrained(tmp)
+    (tmp / RANKS_FILE).write_text(json.dumps(ranks, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -391,18 +470,20 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
 class ClassifierRewardModel:
     """A trained `full_depth` reward model: scores (prompt, response) text as RewardModel.score does."""
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
+    def __init__(self, path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
         self.path = Path(path)
         self.config = json.loads((self.path / CONFIG_FILE).read_text())
         self.device = models.resolve_device(device)
         self._model = self._tokenizer = None
+        self.trust_remote_code = trust_remote_code  # the caller's decision, never the folder's (sarm.reward.remote_code)
 
     def _load(self):
         base = self.config["base_model"]
-        self._tokenizer = models.load_tokenizer(self.path, base.get("chat_template"), base.get("trust_remote_code", False))
+        trust = remote_code(base, self.trust_remote_code, self.path)
+        self._tokenizer = models.load_tokenizer(self.path, base.get("chat_template"), trust)
         dtype = models.resolve_dtype(base["dtype"], self.device)
         self._model = AutoModelForSequenceClassification.from_pretrained(
-            self.path, dtype=dtype, trust_remote_code=base.get("trust_remote_code", False)
+            self.path, dtype=dtype, trust_remote_code=trust
         ).to(self.device).eval()
 
     @torch.no_grad()
@@ -418,21 +499,29 @@ class ClassifierRewardModel:
         return out
 
 
-def load_reward_model(path: str | Path, device: str = "cpu"):
-    """Any trained reward model folder: a RewardModel (SARM or dense head) or a full-depth classifier."""
+def load_reward_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
+    """Any trained reward model folder: a RewardModel (SARM or dense head) or a full-depth classifier.
+    `trust_remote_code`: allow the base model's own Python code (never taken from the folder)."""
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
         raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
     if json.loads((path / CONFIG_FILE).read_text()).get("format") == "hf-sequence-classifier":
-        return ClassifierRewardModel(path, device)
-    return RewardModel.from_pretrained(path, device)
+        return ClassifierRewardModel(path, device, trust_remote_code)
+    return RewardModel.from_pretrained(path, device, trust_remote_code)
 
 
-# --- one job on several GPUs: the rule's script re-launches this module under accelerate ---
+# --- one job in several processes: the rule's script launches this module under torchrun ---
+
+
+def processes(settings: dict, device: str) -> int:
+    """Data-parallel processes of one job on `device` (resolved): finetune.gpus on GPUs, finetune.cpu_processes
+    on the CPU."""
+    return settings["gpus"] if device.startswith("cuda") else settings.get("cpu_processes", 1)
 
 
 def write_job(path: str | Path, **arguments) -> Path:
-    """The arguments of `finetune_reward_model` as JSON (pair tables by path), for `python -m sarm.finetune`."""
+    """The arguments of `finetune_reward_model` as JSON (pair tables by path), for `python -m sarm.finetune`;
+    `tracking` = the arguments of `sarm.tracking.wandb_run` (rank 0 logs to wandb)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(arguments, indent=2, default=str))
@@ -440,9 +529,12 @@ def write_job(path: str | Path, **arguments) -> Path:
 
 
 def run_job(path: str | Path) -> None:
-    """Run one fine-tuning job from its JSON (each process of an accelerate launch runs this)."""
+    """Run one fine-tuning job from its JSON: in the rule's own process, or in each process torchrun starts."""
+    from contextlib import nullcontext
+
     from sarm.data import read_pairs
     from sarm.sae import load_sae
+    from sarm.tracking import wandb_run
 
     job = json.loads(Path(path).read_text())
     train = read_pairs(job.pop("train"))
@@ -450,19 +542,88 @@ def run_job(path: str | Path) -> None:
         train = train.head(job["settings"]["max_pairs"])
     val = read_pairs(job.pop("val"))
     sae = load_sae(job.pop("sae")) if job.get("sae") else job.pop("sae", None)
-    device = job.pop("device")
+    device = models.resolve_device(job.pop("device"))
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-    out, history = finetune_reward_model(
-        job["spec"], job["settings"], job["model_dir"], job["model_spec"], train, val, job["out_dir"], sae, device,
-        job["seed"], job.get("available_mb"),
-    )
+    tracking = job.get("tracking")
+    with wandb_run(**tracking) if tracking else nullcontext() as run:  # rank 0's run, None elsewhere
+        out, history = finetune_reward_model(
+            job["spec"], job["settings"], job["model_dir"], job["model_spec"], train, val, job["out_dir"], sae, device,
+            job["seed"], job.get("available_mb"), on_log=run.log if run is not None else None,
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         history.to_csv(out / "history.csv", index=False)
 
 
-if __name__ == "__main__":
-    import sys
+_PR_SET_PDEATHSIG = 1
 
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when its parent ends (Linux prctl PDEATHSIG; elsewhere
+    nothing): the rule's script ends with Snakemake even when Snakemake is SIGKILLed, and a torchrun worker
+    with its launcher. A parent that ended before the call is caught by the re-parenting check."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), sig)
+
+
+def run_processes(command: list[str], log_path: str | Path, env: dict | None = None, grace_s: float = 30.0) -> None:
+    """Run the launcher (torchrun) in its own process group, its output appended to `log_path`. If this process
+    is told to stop (SIGTERM/SIGINT/SIGHUP, e.g. from `die_with_parent`), the group is stopped first (SIGTERM,
+    which torchrun passes on to its workers, then SIGKILL after `grace_s`); the launcher itself ends with this
+    process (PDEATHSIG). A launcher that fails (a process died: torchrun then stops the others) raises a
+    SarmError."""
+    import functools
+    import time
+
+    libc = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    preexec = functools.partial(libc.prctl, _PR_SET_PDEATHSIG, int(signal.SIGTERM)) if libc else None
+    with open(log_path, "a") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=preexec)
+    stopped: list[tuple[int, float]] = []
+
+    def stop(signum, frame):  # no waiting here: the loop below waits
+        stopped.append((signum, time.monotonic()))
+        _signal_group(proc, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stopped and time.monotonic() > stopped[0][1] + grace_s:
+                    _signal_group(proc, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _signal_group(proc, signal.SIGKILL)  # anything left in the launcher's group
+    if stopped:
+        raise SarmError(f"stopped by {signal.Signals(stopped[0][0]).name}; the training processes were ended")
+    if code != 0:
+        raise SarmError(f"the training processes failed (exit status {code}); see {log_path}")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker (its own session): end with the launcher
+        die_with_parent(signal.SIGKILL)
     run_job(sys.argv[1])

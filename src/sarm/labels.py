@@ -11,12 +11,14 @@ JSON cache keyed by the judge and the exact prompt, so a re-run does not ask aga
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -112,17 +114,45 @@ def parse_answer(text) -> dict | None:
 # --------------------------------------------------------------------------------------------------------
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with every header of the request, the API key too, to whatever origin the
+    answer names (and turns a POST into a GET): the judge follows none, and says where it was sent."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise SarmError(
+            f"config key explain.labels.endpoint.base_url: {req.full_url} answered {code} redirecting to {newurl}; "
+            "redirects are not followed (the API key would go with them): give the endpoint's final URL"
+        )
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
 class EndpointJudge:
     """An OpenAI-compatible chat endpoint: POST {base_url}/chat/completions; the key, if any, comes from the
-    environment variable `api_key_env`."""
+    environment variable `api_key_env`. Redirects are refused; plain http is for a local endpoint only (warned
+    otherwise: the key and the excerpts would cross the network in clear)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 60, max_tokens: int = 60):
         if not base_url:
             raise SarmError("config key explain.labels.endpoint.base_url: give the endpoint's URL for judge 'openai'")
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SarmError(f"config key explain.labels.endpoint.base_url: {base_url!r} is not an http(s) URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            log.warning("config key explain.labels.endpoint.base_url: %s is plain http to another machine; the API key "
+                        "and the excerpts travel unencrypted (use https)", base_url)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.max_tokens = model, timeout_s, max_tokens
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
         self.name = f"openai:{base_url}:{model}"
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def __call__(self, messages: list[dict], attempt: int = 0) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens})
@@ -130,7 +160,7 @@ class EndpointJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with self._opener.open(request, timeout=self.timeout) as response:
             reply = json.loads(response.read().decode("utf-8"))
         return reply["choices"][0]["message"]["content"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -43,8 +44,13 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    given = re.fullmatch(r"cpu|cuda(?::(\d+))?", name or "")
+    if given is None:
+        raise SarmError(f"config key device: {name!r} is not a device (auto, cpu, cuda or cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SarmError(f"config key device: {name!r} asked for, but torch sees no CUDA device on this machine")
+    if given.group(1) is not None and int(given.group(1)) >= torch.cuda.device_count():
+        raise SarmError(f"config key device: {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

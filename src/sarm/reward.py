@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sae_lens.saes.topk_sae import TopK
 
@@ -186,10 +187,25 @@ def selected_epoch(history: pd.DataFrame) -> int:
     return int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")["epoch"].iloc[0])
 
 
+def strip_trailing(text: str, tokens: list[str]) -> str:
+    """`text` without its trailing `tokens` (tried longest first), in any number, with the whitespace around
+    them (whitespace left before the first is kept): linear in what is stripped (an end index moves left;
+    the text is copied once), where stripping by copies was quadratic."""
+    end = len(text)
+    while True:
+        stop = end
+        while stop and text[stop - 1].isspace():  # what str.rstrip() drops
+            stop -= 1
+        token = next((t for t in tokens if text.endswith(t, 0, stop)), None)
+        if token is None:
+            return text[:end]
+        end = stop - len(token)
+
+
 class RewardModel:
     """A trained SARM (or dense-baseline) reward model; see the module docstring for its folder."""
 
-    def __init__(self, config: dict, weight: torch.Tensor, sae=None):
+    def __init__(self, config: dict, weight: torch.Tensor, sae=None, trust_remote_code: bool = False):
         if config["features"] not in FEATURE_KINDS:
             raise SarmError(f"reward model: unknown features {config['features']!r} (one of {FEATURE_KINDS})")
         if config["features"] == "sae":
@@ -202,6 +218,9 @@ class RewardModel:
             set_topk(sae, config.get("topk", True))
         self.device = "cpu"
         self._backbone = self._tokenizer = None
+        # Python shipped with the base model runs only when whoever loads the model says so, never because
+        # the folder's reward_model.json asks for it.
+        self.trust_remote_code = trust_remote_code
 
     # --- features and scores from cached (standardised) hidden states ---
     def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor | SparseFeatures:
@@ -217,7 +236,11 @@ class RewardModel:
 
     # --- raw text, end to end ---
     def load_backbone(self, device: str = "cpu") -> None:
-        base = self.config["base_model"]
+        where = getattr(self, "folder", "reward model")
+        base = {**self.config["base_model"], "trust_remote_code": remote_code(self.config["base_model"], self.trust_remote_code, where)}
+        if not self.backbone_path.exists():
+            raise SarmError(f"{where}: its base model {self.backbone_path} does not exist (was the folder moved to another "
+                            f"machine?); set base_model.path in its {CONFIG_FILE} to the base model folder there")
         self._tokenizer, self._backbone, self.device, _ = models.load_backbone(base, self.backbone_path, device)
         if self.sae is not None:
             self.sae.to(self.device)
@@ -253,13 +276,7 @@ class RewardModel:
         max_length = self.config["base_model"]["max_length"]
         out = []
         for text in texts:
-            while True:
-                stripped = text.rstrip()
-                token = next((t for t in trailing if stripped.endswith(t)), None)
-                if token is None:
-                    break
-                text = stripped[: -len(token)]
-            out.append(activations.encode_text(self._tokenizer, text + end, max_length))
+            out.append(activations.encode_text(self._tokenizer, strip_trailing(text, trailing) + end, max_length))
         return out
 
     def _end_of_turn(self) -> tuple[str, list[str]]:
@@ -302,14 +319,19 @@ class RewardModel:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> "RewardModel":
+        """The model saved in folder `path`. `trust_remote_code`: allow the base model's own Python code (the
+        caller's decision: the folder's `base_model.trust_remote_code` alone never runs it)."""
         path = Path(path)
         if not (path / CONFIG_FILE).exists():
             raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
-        config = json.loads((path / CONFIG_FILE).read_text())
-        weight = load_file(path / HEAD_FILE)["weight"]
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SarmError(f"{path / CONFIG_FILE}: not valid JSON ({type(err).__name__}); re-run the rule that trained it") from None
+        weight = _load_head(path / HEAD_FILE)
         sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
-        model = cls(config, weight, sae)
+        model = cls(config, weight, sae, trust_remote_code)
         model.device = models.resolve_device(device)
         model.folder = path
         return model
@@ -320,6 +342,42 @@ class RewardModel:
         relative to the reward-model folder."""
         path = Path(self.config["base_model"]["path"])
         return path if path.is_absolute() else Path(getattr(self, "folder", ".")) / path
+
+
+def _load_head(path: Path) -> torch.Tensor:
+    """The head's weights, with one line naming the file when it is missing, corrupt, truncated or not finite."""
+    try:
+        weight = load_file(path)["weight"]
+    except FileNotFoundError:
+        raise SarmError(f"{path}: missing; re-run the rule that trained this reward model") from None
+    except (SafetensorError, KeyError, OSError) as err:
+        raise SarmError(f"{path}: corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        "re-run the rule that trained this reward model") from None
+    if not torch.isfinite(weight).all():
+        raise SarmError(f"{path}: non-finite weights; re-run the rule that trained this reward model")
+    return weight
+
+
+def check_finite(rewards, model, source) -> None:
+    """Stop on a non-finite reward, naming the model and where its inputs came from: a NaN score would count as
+    a wrong pair (or a lost best-of-N pick) with exit 0. (RL's reward function says it its own way.)"""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if len(bad):
+        where = getattr(model, "folder", None) or getattr(model, "path", None) or "the reward model"
+        raise SarmError(f"{where}: {len(bad)} of {len(rewards)} rewards from {source} are not finite (the first: "
+                        f"sequence {int(bad[0])}); its weights or inputs hold NaN or inf")
+
+
+def remote_code(base: dict, allowed: bool, where) -> bool:
+    """Whether to run the Python code a base model ships (transformers' trust_remote_code): `allowed`, the decision
+    of whoever loads the model. A folder whose `base_model.trust_remote_code` asks for it while the caller did not
+    allow it is refused with one line saying how to allow it."""
+    if base.get("trust_remote_code") and not allowed:
+        raise SarmError(f"{where}: its base model runs its own Python code (base_model.trust_remote_code in its "
+                        f"{CONFIG_FILE}); allow it only if you trust {base.get('path')}: --trust-remote-code on the "
+                        "command line, trust_remote_code=True in Python")
+    return allowed
 
 
 def messages(prompt) -> list[dict]:

@@ -101,11 +101,16 @@ def ablation_of(spec: dict) -> str | None:
     return {"sequence": "SARM", "random": ABLATIONS[1], "token": ABLATIONS[2]}.get(spec.get("sae", "sequence"))
 
 
-def measured_on(summary: dict, table: str) -> str:
-    """The data set a summary was measured on, as a row label: official benchmark (and how much of it) or local."""
+def measured_on(summary: dict, table: str, stand_in: bool = False) -> str:
+    """The data set a summary was measured on, as a row label: official benchmark (and how much of it) or local.
+    `stand_in`: the benchmark's data are the miniature's stand-ins (sarm.miniature), scored the official way."""
     from sarm.rewardbench import V1_PAIRS, V2_PROMPTS
 
     benchmark = summary.get("benchmark", "local")
+    if stand_in and benchmark in ("rewardbench-2", "rewardbench-v1"):
+        name = "RewardBench 2" if benchmark == "rewardbench-2" else "RewardBench v1"
+        n = f"{sum(summary['n_prompts'].values()):,} prompts" if benchmark == "rewardbench-2" else f"{summary['n_pairs']:,} pairs"
+        return f"{name} stand-in (miniature, {n} from ../shared/data; scored the official way, not the benchmark)"
     if benchmark == "rewardbench-2":
         n, full = sum(summary["n_prompts"].values()), sum(V2_PROMPTS.values())
         part = f"{n:,} prompts" if summary.get("complete") else f"subsample, {n:,} of {full:,} prompts"
@@ -162,7 +167,7 @@ def _published(rows: list[tuple], columns: list[str], data_set: str, source: str
             for model, size, *values in rows]
 
 
-def _reproduced(summaries: dict, backbone: str, benchmark: str) -> list[dict]:
+def _reproduced(summaries: dict, backbone: str, benchmark: str, stand_in: bool = False) -> list[dict]:
     """One row per (reward model, eval table) measured on `benchmark`: names, data set and `scores` (fractions)."""
     rows = []
     for (model, table), summary in summaries.items():
@@ -172,7 +177,7 @@ def _reproduced(summaries: dict, backbone: str, benchmark: str) -> list[dict]:
             "rm": model,
             "model": "length (baseline)" if model == "length" else f"{model} ({backbone})",
             "size": "",
-            "data set": measured_on(summary, table),
+            "data set": measured_on(summary, table, stand_in),
             "source": f"reproduced (results/eval/{model}/{table})",
             "scores": summary.get("benchmark_scores") or _local_scores(summary),
         })
@@ -202,7 +207,7 @@ def _by_data_set(table: pd.DataFrame) -> pd.DataFrame:
 
 def paper_tables(summaries: dict[tuple[str, str], dict], reward_models: dict[str, dict] | None = None,
                  reference: str | Path | None = None, leaderboard_models: list[str] = (),
-                 backbone: str = "") -> dict[str, pd.DataFrame]:
+                 backbone: str = "", stand_in: bool = False) -> dict[str, pd.DataFrame]:
     """The paper's tables from evaluation summaries ((reward model, eval table) -> summary.json contents).
 
     table1_rewardbench2 / table1_rewardbench_v1: published rows (the paper, the leaderboards) and rows
@@ -210,12 +215,13 @@ def paper_tables(summaries: dict[tuple[str, str], dict], reward_models: dict[str
     categories (a category a set lacks stays empty). table2_ablations: the paper's ablation rows and reproduced
     ones on RewardBench 2; table2_ablations_local: reproduced ablation rows on local sets. Reward models map to
     ablation rows by their spec (`ablation_of`). `reference`: the folder of rewardbench2_leaderboard.csv and
-    rewardbench_v1_leaderboard.csv (None: no leaderboard rows). Scores in %.
+    rewardbench_v1_leaderboard.csv (None: no leaderboard rows). Scores in %. `stand_in`: the official sets are the
+    miniature's stand-ins (config key miniature.enabled), and their rows say so.
     """
     reward_models = reward_models or DEFAULT_REWARD_MODELS
     ablation_only = {PAPER_ABLATIONS[name] for name in ABLATIONS[1:]}  # rows of Table 2 only
-    rb2_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-2"), RB2_COLUMNS, "score")
-    v1_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-v1"), V1_COLUMNS, "score")
+    rb2_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-2", stand_in), RB2_COLUMNS, "score")
+    v1_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-v1", stand_in), V1_COLUMNS, "score")
     local_raw = _reproduced(summaries, backbone, "local")
     local_columns = _local_columns(local_raw)
     local_rows = _with_percent(local_raw, local_columns, "overall")

@@ -7,7 +7,8 @@ depend on them.
 - the run id is derived from (experiment, rule, name, the run's settings), and runs resume with
   `resume="allow"`: a retried job (SLURM killed it, Snakemake resubmitted it) continues the same run, and a
   changed setting starts a new one;
-- runs are written under WANDB_DIR, else the working directory (`wandb/`).
+- runs are written under WANDB_DIR, else the working directory (`wandb/`);
+- several processes (torchrun sets RANK): only rank 0 opens a run, the others get None, so one job is one run.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def run_id(workflow_config: dict, job_type: str, name: str, config: dict) -> str
 
 @contextlib.contextmanager
 def wandb_run(workflow_config: dict, job_type: str, name: str, config: dict):
-    """Yield a wandb run (group = the experiment, job type = the rule), or None when mode is disabled.
+    """Yield a wandb run (group = the experiment, job type = the rule), or None when mode is disabled or this
+    is not the main process (RANK > 0 under torchrun).
 
     Settings come from the workflow config's `wandb` section (and WANDB_* variables), not from rule params,
     so turning wandb on or off never re-runs a rule."""
     settings = workflow_config.get("wandb", {})
     mode = wandb_mode(workflow_config)
-    if mode == "disabled":
+    if mode == "disabled" or int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
     import wandb

@@ -8,7 +8,7 @@ rule cache_activations:
     output:
         directory(f"{ACT}/{{table}}"),
     params:
-        model=config["model"],
+        model=model_settings(),
         device=config["device"],
         with_sentences=with_sentences,
     threads: 8
@@ -34,7 +34,7 @@ rule cache_token_corpus:
     wildcard_constraints:
         table="train|val",
     params:
-        model=config["model"],
+        model=model_settings(),
         device=config["device"],
         with_sentences=True,
         corpus="token",
@@ -53,6 +53,8 @@ rule cache_token_corpus:
 
 rule fetch_sae_corpus:
     """The plain-text SAE corpus of config key sae.corpus (the hub is read on the login node)."""
+    input:
+        sae_corpus_file,  # a local corpus file (sae.corpus.path); none for a hub corpus
     output:
         f"{RESOURCES}/corpus/sae.parquet",
     params:
@@ -75,7 +77,7 @@ rule cache_sae_corpus:
     wildcard_constraints:
         positions="sentence|token",
     params:
-        model=config["model"],
+        model=model_settings(),
         device=config["device"],
         max_length=(config["sae"]["corpus"] or {}).get("max_length") or config["model"]["max_length"],
     threads: 8

@@ -27,7 +27,7 @@ rule cache_bon:
     output:
         directory(f"{ACT}/bon"),
     params:
-        model=config["model"],
+        model=model_settings(),
         device=config["device"],
     threads: 8
     resources:

@@ -39,6 +39,13 @@ def _check_config():
     for name in config["eval"]["datasets"]:
         if name in ("train", "val"):
             raise WorkflowError(f"config key eval.datasets: {name!r} is reserved for the training tables")
+        if name in ("tokens", "corpus"):  # {ACT}/<table> would hold the token-level and plain-text SAE caches
+            raise WorkflowError(f"config key eval.datasets: {name!r} is reserved for the SAE corpus caches; rename the data set")
+    tables = ["train", "val", *config["eval"]["datasets"]]
+    for key in ("explain", "shift"):
+        table = config[key]["table"]
+        if table is not None and table not in tables:  # it becomes a folder of the activation cache
+            raise WorkflowError(f"config key {key}.table: {table!r} is not one of the tables ({', '.join(tables)})")
     sae, model = config["sae"], config["model"]
     if sae["width"] is not None and sae["k"] is not None and sae["k"] >= sae["width"]:
         raise WorkflowError(f"config key sae.k = {sae['k']} must be smaller than sae.width = {sae['width']}")
@@ -107,6 +114,50 @@ def dataset_spec(wildcards):
     return config["datasets"][wildcards.dataset]
 
 
+# --- Local files a rule reads are its inputs, so that editing one re-runs the rule (a hub source has none) ---
+def dataset_file(wildcards):
+    """fetch_dataset's local file (config key datasets.<name>.path)."""
+    return config["datasets"][wildcards.dataset].get("path") or []
+
+
+def sae_corpus_file(wildcards):
+    """fetch_sae_corpus's local file (config key sae.corpus.path)."""
+    return (config["sae"]["corpus"] or {}).get("path") or []
+
+
+MODEL_SOURCE_SKIPPED = (".bin", ".pt", ".pth")  # never copied (sarm.models._copy_folder)
+
+
+def model_source_files(wildcards):
+    """fetch_model's local source: the files of the model folder (config key model.path; a folder's own mtime
+    misses an edited file), else the GGUF file (model.gguf.path) when it exists (else the hub is tried first)."""
+    model = config["model"]
+    if model["path"]:
+        folder = model["path"]
+        if not os.path.isdir(folder):
+            return []  # the rule names the key: config key model.path: ... is not a model folder
+        return sorted(
+            entry.path for entry in os.scandir(folder) if entry.is_file() and not entry.name.endswith(MODEL_SOURCE_SKIPPED)
+        )
+    gguf = (model["gguf"] or {}).get("path")
+    return gguf if gguf and os.path.exists(gguf) else []
+
+
+MODEL_IDENTITY_KEYS = ("name", "hub_id", "revision", "path", "gguf", "trust_remote_code")
+
+
+def model_identity():
+    """fetch_model's params: the keys that say which model is fetched. How it is read (layer, dtype, batch size,
+    ...) is not among them, so changing those does not fetch it again."""
+    return {key: config["model"][key] for key in MODEL_IDENTITY_KEYS}
+
+
+def model_settings():
+    """config key model as the rules that read the model take it: without model.batch_size, which changes only
+    throughput (the scripts read it from the config), so that changing it re-runs nothing."""
+    return {key: value for key, value in config["model"].items() if key != "batch_size"}
+
+
 def eval_dataset_file(wildcards):
     return f"{RESOURCES}/data/{wildcards.table}.parquet"
 
@@ -147,7 +198,11 @@ def sae_inputs(wildcards):
     """The SAE's corpus (sentence-final states of the plain-text corpus or of the training pairs), the training
     pairs' final tokens (config key sae.include_final_token) and the held-out set."""
     corpus = f"{ACT}/corpus/sentence" if SAE_CORPUS else f"{ACT}/train"
-    return {"train": corpus, "pairs": f"{ACT}/train", "val": f"{ACT}/val"}
+    inputs = {"train": corpus, "pairs": f"{ACT}/train", "val": f"{ACT}/val"}
+    pretrained = (config["sae"]["pretrained"] or {}).get("path")
+    if pretrained and wildcards.get("sae_kind", "sequence") == "sequence":  # a local SAE folder replaces training
+        inputs["pretrained"] = pretrained
+    return inputs
 
 
 def sae_variant_inputs(wildcards):
@@ -269,3 +324,7 @@ def gpus_for(rule):
 
 onstart:
     _cluster.check_submission(workflow)
+
+
+onerror:
+    _cluster.explain_slurm_failures(workflow, log)  # why SLURM ended a failed job (time, memory)

@@ -2,6 +2,9 @@
 
 
 rule fetch_dataset:
+    input:
+        miniature_dataset_source,  # the stand-in in hub.mirror (config/paper/miniature.yaml); else none
+        data=dataset_file,  # the local file (datasets.<name>.path): editing it re-runs the rule
     output:
         f"{RESOURCES}/data/{{dataset}}.parquet",
     params:

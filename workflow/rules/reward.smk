@@ -1,6 +1,7 @@
 # Reward models (Bradley-Terry). Frozen mode: a head (zero-init, no bias) on cached features, SAE latents for
 # SARM, the standardised hidden state for the dense baseline. Tuned modes (finetune, joint, full_depth): trained
-# end to end on token ids with transformers' Trainer, on as many GPUs of one node as config finetune.gpus says.
+# end to end on token ids with transformers' Trainer, on as many GPUs of one node as config finetune.gpus says
+# (finetune.cpu_processes CPU processes without GPUs; torchrun when more than one).
 
 
 rule train_reward:
@@ -13,7 +14,7 @@ rule train_reward:
     params:
         spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
         reward=config["reward"],
-        model=config["model"],
+        model=model_settings(),
         seed=config["seed"],
     threads: 4
     resources:
@@ -37,7 +38,7 @@ rule finetune_reward:
     params:
         spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
         finetune=config["finetune"],
-        model=config["model"],
+        model=model_settings(),
         device=config["device"],
         seed=config["seed"],
     threads: 8

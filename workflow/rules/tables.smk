@@ -66,6 +66,7 @@ rule paper_tables:
         reference=paper_reference_folder(),
         leaderboard_models=config["paper_tables"]["leaderboard_models"],
         backbone=MODEL,
+        stand_in=config["miniature"]["enabled"],  # the official sets are the miniature's stand-ins: rows say so
     log:
         "logs/paper_tables.log",
     script:

@@ -9,10 +9,11 @@ from sarm.workflow import run_script
 
 def main(snakemake):
     spec = snakemake.params.model
+    batch_size = snakemake.config["model"]["batch_size"]  # throughput only: not a param, so changing it re-runs nothing
     tokenizer, model, device, meta = load_backbone(spec, snakemake.input.model, snakemake.params.device)
     info = cache_texts(
         model, tokenizer, pd.read_parquet(snakemake.input.texts), snakemake.output[0], snakemake.params.max_length,
-        spec["batch_size"], device, meta, corpus=snakemake.wildcards.positions,
+        batch_size, device, meta, corpus=snakemake.wildcards.positions,
     )
     logging.info("cached %s", info)
 

@@ -13,8 +13,9 @@ def main(snakemake):
     if "activations" in snakemake.input.keys():  # frozen backbone: the cached states
         model = load_reward_model(snakemake.input.model)
         scores = score_cached(model, ActivationCache(snakemake.input.activations), pairs)
-    else:  # a tuned backbone: from the text
-        model = load_reward_model(snakemake.input.model, snakemake.params.device)
+    else:  # a tuned backbone: from the text; its own code runs only if the config allows it (model.trust_remote_code)
+        trust = snakemake.config["model"]["trust_remote_code"]
+        model = load_reward_model(snakemake.input.model, snakemake.params.device, trust)
         scores = score_text(model, pairs, snakemake.params.batch_size)
     scores.to_parquet(snakemake.output.scores, index=False)
     with open(snakemake.output.summary, "w") as f:

@@ -13,7 +13,8 @@ def main(snakemake):
     i, p = snakemake.input, snakemake.params.explain
     start = time.perf_counter()
     stats = feature_stats(
-        RewardModel.from_pretrained(i.model), ActivationCache(i.activations), read_pairs(i.pairs),
+        RewardModel.from_pretrained(i.model, trust_remote_code=snakemake.config["model"]["trust_remote_code"]),
+        ActivationCache(i.activations), read_pairs(i.pairs),
         ActivationCache(i.corpus), read_pairs(i.corpus_pairs), i.base_model,
         p["n_weight"], p["n_frequent"], p["features"], p["n_contexts"], p["logit_lens_tokens"],
     )

@@ -25,7 +25,7 @@ def main(snakemake):
     for key, path in zip(itertools.product(p.models, p.tables), snakemake.input.summaries):
         with open(path) as f:
             summaries[key] = json.load(f)
-    tables = paper_tables(summaries, p.reward_models, p.reference, p.leaderboard_models, p.backbone)
+    tables = paper_tables(summaries, p.reward_models, p.reference, p.leaderboard_models, p.backbone, p.stand_in)
     for name, stem in zip(p.names, snakemake.output.tables[::2]):
         write_table(tables[name], Path(stem).with_suffix(""), TITLES[name], NOTE)
     paper_tables_figure(tables, snakemake.output.figure)

@@ -9,7 +9,8 @@ from sarm.workflow import run_script
 def main(snakemake):
     p = snakemake.params
     device = models.resolve_device(p.device)
-    judges = {name: RewardModel.from_pretrained(path, device=device) for name, path in zip(p.judges, snakemake.input.judges)}
+    trust = snakemake.config["model"]["trust_remote_code"]  # the config allows the base model's own code, not the folder
+    judges = {name: RewardModel.from_pretrained(path, device, trust) for name, path in zip(p.judges, snakemake.input.judges)}
     policies = {"initial": p.initial, "trained": snakemake.input.trained}
     completions, contributions = evaluate_policies(
         policies, pd.read_parquet(snakemake.input.prompts), judges, p.audited, p.max_new_tokens, p.batch_size, device

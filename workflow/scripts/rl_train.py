@@ -14,7 +14,8 @@ def main(snakemake):
     p = snakemake.params
     device = models.resolve_device(p.device)
     prompts = pd.read_parquet(snakemake.input.prompts)
-    reward = RewardFunction(RewardModel.from_pretrained(snakemake.input.reward, device=device), p.reward)
+    trust = snakemake.config["model"]["trust_remote_code"]  # the config allows the base model's own code, not the folder
+    reward = RewardFunction(RewardModel.from_pretrained(snakemake.input.reward, device, trust), p.reward)
     with wandb_run(snakemake.config, "rl_train", f"grpo-{p.reward}", dict(p.settings)) as run, tempfile.TemporaryDirectory() as work:
         history = train_policy(
             p.policy, reward, prompts, p.settings, snakemake.output.policy, work, p.seed, device,
