@@ -7,6 +7,8 @@ same way) and faster status polling. Skipped, with the reason, when no SLURM clu
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -117,7 +119,7 @@ def runs(tiny_model_dir, shared_data, tmp_path_factory):
                       "--retries", "0")
     thread.join()
     again = run_slurm(root / "slurm", config, TARGET, *slurm_args("length_baseline:gpu=1"), "--rerun-incomplete")
-    return {"root": root, "first": first, "again": again, "local": local["result"]}
+    return {"root": root, "first": first, "again": again, "local": local.get("result")}
 
 
 def test_job_killed_by_slurm_names_its_log_and_reason_then_rerun_finishes(runs):
@@ -173,24 +175,45 @@ def test_every_job_went_through_sbatch_and_slurm_recorded_what_it_asked(runs):
     assert by_rule["train_tables"]["ReqCPUS"] == "1"
 
 
-# Files that legitimately differ between runs: timings (activations' meta.json) and absolute paths
-# (reward_model.json names the model folder of its working directory). Everything else is byte for byte.
-DIFFERS = {"meta.json", "reward_model.json"}
+TIMINGS = re.compile(r"seconds|per_second")  # how long a step took: activations' meta.json, the SAE's metrics.json
+
+
+def comparable(path: Path, workdir: Path):
+    """A result as compared between two runs: bytes, but JSON as data (sae-lens writes cfg.json's keys in any
+    order), without timings and with the run's own folder (reward_model.json names its model folder) cut out."""
+    if path.suffix != ".json":
+        return path.read_bytes()
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not TIMINGS.search(k)}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value.replace(str(workdir), "<workdir>") if isinstance(value, str) else value
+
+    return strip(json.loads(path.read_text()))
 
 
 def test_outputs_are_identical_to_a_local_run(runs):
+    """Weights (SAE, heads, cached states), scores and tables byte for byte; JSON records equal but for timings."""
     local = runs["local"]
+    assert local is not None, "the local run did not finish (see the captured stderr)"
     assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
     slurm, here = runs["root"] / "slurm", runs["root"] / "local"
-    files = sorted(p.relative_to(here) for p in (here / "results").rglob("*") if p.is_file() and p.name != ".snakemake_timestamp")
+
+    def results(root):
+        return sorted(p.relative_to(root) for p in (root / "results").rglob("*") if p.is_file() and p.name != ".snakemake_timestamp")
+
+    files = results(here)
+    assert results(slurm) == files
     assert {str(p) for p in files} >= {
         "results/sae/tiny-L2/model/sae_weights.safetensors", "results/reward/sarm/head.safetensors",
         "results/reward/dense/head.safetensors", "results/eval/sarm/val/scores.parquet", "results/eval/dense/val/scores.parquet",
         "results/tables/accuracy_val.csv", "results/tables/sae_metrics.csv", "results/activations/tiny-L2/train/shard_00000.safetensors",
     }
-    differ = [str(p) for p in files if p.name not in DIFFERS and (slurm / p).read_bytes() != (here / p).read_bytes()]
+    differ = [str(p) for p in files if comparable(slurm / p, slurm) != comparable(here / p, here)]
     assert differ == []
-    assert sorted(p.relative_to(slurm) for p in (slurm / "results").rglob("*") if p.is_file() and p.name != ".snakemake_timestamp") == files
+    assert sum(p.suffix != ".json" for p in files) >= 15
     acc = pd.read_csv(slurm / "results/tables/accuracy_val.csv")
     assert list(acc.columns) == ["category", "n", "sarm", "dense", "length"]
 
@@ -216,8 +239,6 @@ def test_gpu_rules_on_a_cluster_without_gpus_are_refused_before_submitting(tiny_
     real = shutil.which("sinfo")
     (shim / "sinfo").write_text(f'#!/bin/sh\n"{real}" "$@" | sed "s/gpu:[0-9]*/(null)/"\n')
     (shim / "sinfo").chmod(0o755)
-    import os
-
     config = tiny_config(tiny_model_dir, shared_data) | {"device": "cuda"}
     out = small_run(tmp_path / "w", config, env={"PATH": f"{shim}:{os.environ['PATH']}"})
     assert f"SLURM partition '{PARTITION}' has no node with more than 0 GPU(s) (sinfo -o %G), but cache_activations asks for 1" in out
