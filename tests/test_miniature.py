@@ -100,6 +100,18 @@ def test_stand_ins_have_the_hub_layouts(shared_data, tmp_path):
     assert len(pairs) == 3 * len(best_of_4) + sum(max(r.num_correct, r.num_rejected) for r in ties.itertuples())
 
 
+def test_rows_measured_on_stand_ins_never_claim_the_benchmark():
+    from sarm.tables import measured_on
+
+    rb2 = {"benchmark": "rewardbench-2", "n_prompts": {"Math": 6, "Ties": 12}, "complete": False, "n_pairs": 54}
+    assert measured_on(rb2, "reward-bench-2", stand_in=True) == (
+        "RewardBench 2 stand-in (miniature, 18 prompts from ../shared/data; scored the official way, not the benchmark)")
+    assert measured_on(rb2, "reward-bench-2").startswith("RewardBench 2 (official, reproduced")
+    v1 = {"benchmark": "rewardbench-v1", "n_pairs": 84, "complete": False}
+    assert measured_on(v1, "reward-bench", stand_in=True).startswith("RewardBench v1 stand-in (miniature, 84 pairs")
+    assert measured_on({"n_pairs": 20, "categories": []}, "val", stand_in=True) == "val (local, 20 pairs)"
+
+
 def test_a_miniature_without_a_mirror_stops_with_one_line(tmp_path):
     result = run_miniature(tmp_path, "-n", overlay={"hub": {"mirror": None}}, timeout=300)
     assert result.returncode != 0
