@@ -5,7 +5,7 @@ CORES ?= 2
 # The CPU build of torch; on a GPU machine use e.g. TORCH="torch==2.13.0 --index-url <your CUDA wheel index>".
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test dry-run clean
+.PHONY: setup run test test-paper-path dry-run clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,13 @@ dry-run: setup
 	$(VENV)/bin/snakemake -n --cores $(CORES)
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not paper_path"
+
+# The paper path run for real (as root: it installs and starts a one-node SLURM cluster on this machine):
+# the tiny DAG and the paper config in miniature through the SLURM profile, and the miniature locally.
+test-paper-path: setup
+	tests/slurm/up.sh
+	$(VENV)/bin/pytest -q -m paper_path
 
 clean:
 	rm -rf results resources logs .snakemake

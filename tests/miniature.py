@@ -69,6 +69,12 @@ def check_miniature_outputs(workdir: str | Path) -> dict:
     for rm in ("sarm", "dense"):
         config = json.loads((results / "reward" / rm / "reward_model.json").read_text())
         assert config["training"]["mode"] == "finetune", config["training"]
+        # two gloo processes trained together under the paper's ZeRO-3: different pairs, each holding a shard
+        ranks = json.loads((results / "reward" / rm / "ranks.json").read_text())
+        assert ranks["world_size"] == 2 and ranks["backend"] == "gloo", ranks
+        first, second = (set(rank["pairs"]) for rank in ranks["ranks"])
+        assert first and second and not first & second, ranks
+        assert all(rank["local_parameters"] < 0.55 * rank["parameters"] for rank in ranks["ranks"]), ranks
 
     rb2 = json.loads((results / "eval/sarm/reward-bench-2/summary.json").read_text())
     assert rb2["benchmark"] == "rewardbench-2" and rb2["complete"] is False

@@ -127,6 +127,7 @@ def miniature_run(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.paper_path
 def test_miniature_runs_end_to_end_with_the_official_rewardbench2_scoring(miniature_run):
     rb2 = check_miniature_outputs(miniature_run)
     # every RewardBench 2 prompt's pairs were scored: 3 per best-of-4 prompt, max(correct, incorrect) per Ties prompt

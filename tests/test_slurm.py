@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from miniature import check_miniature_outputs, run_miniature, tiny_model_override
 from test_workflow import REPO, snakemake, tiny_config
 
 ACCOUNT, PARTITION = "sarm", "debug"  # what tests/slurm/up.sh creates
@@ -45,7 +46,7 @@ def slurm_unavailable() -> str | None:
 
 
 REASON = slurm_unavailable()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
+pytestmark = [pytest.mark.slurm, pytest.mark.paper_path, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
 
 
 def local_site(key: str, value):
@@ -260,3 +261,17 @@ def test_cluster_down_gives_one_message_naming_the_daemon(tiny_model_dir, shared
     out = small_run(tmp_path / "w", tiny_config(tiny_model_dir, shared_data), env={"SLURM_CONF": str(conf)})
     assert message in out, out[-3000:]
     assert "Is the cluster up? (on this machine: tests/slurm/up.sh)" in out
+
+
+def test_the_paper_config_in_miniature_runs_through_slurm(tiny_model_dir, tmp_path):
+    """config/paper/sarm-4b.yaml + miniature.yaml (with the tiny model) submitted through the SLURM profile: the
+    fine-tuning jobs run two gloo processes under ZeRO-3 inside their SLURM job, as on a cluster's node."""
+    workdir = tmp_path / "miniature"
+    result = run_miniature(workdir, *slurm_args(), model=tiny_model_override(tiny_model_dir), cores=None)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    jobs = submitted(out)
+    assert {"finetune_reward", "sae", "evaluate", "paper_tables"} <= {job["rule"] for job in jobs.values()}, jobs
+    states = {job: row["State"] for job, row in sacct(*jobs).items()}
+    assert set(states) == set(jobs) and set(states.values()) == {"COMPLETED"}, states
+    check_miniature_outputs(workdir)

@@ -17,6 +17,7 @@ way. Each run writes `ranks.json`: the world size, backend and the pair ids each
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -114,9 +115,11 @@ class SarmForReward(nn.Module):
         if self.sae is None:
             features, recon = x, None
         else:
-            features = self.sae.encode(x.to(self.sae.W_enc.dtype)).float()
-            recon = _normalised_mse(self.sae.decode(features.to(self.sae.W_enc.dtype)).float(), x) if self.recon_weight else None
-        rewards = self.head(features).squeeze(-1)
+            dtype = _stored_dtype(self.sae.W_enc)
+            with _computing_in(dtype, x.device):  # sae-lens casts its input to its config's dtype (fp32)
+                features = self.sae.encode(x.to(dtype)).float()
+                recon = _normalised_mse(self.sae.decode(features.to(dtype)).float(), x) if self.recon_weight else None
+        rewards = self.head(features.to(_stored_dtype(self.head.weight))).squeeze(-1).float()
         return _bt_outputs(rewards, recon, self.recon_weight)
 
 
@@ -140,6 +143,18 @@ def classifier_rewards(classifier, input_ids, attention_mask) -> torch.Tensor:
     base = getattr(classifier, classifier.base_model_prefix)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return classifier.score(_final_states(hidden, attention_mask)).squeeze(-1).float()
+
+
+def _stored_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype a parameter computes in: under DeepSpeed ZeRO-3 the visible tensor is an fp32 placeholder and
+    the gathered weights take the dtype of the rank's shard (`ds_tensor`, bf16 when bf16 is on)."""
+    return getattr(param, "ds_tensor", param).dtype
+
+
+def _computing_in(dtype: torch.dtype, device: torch.device):
+    """Matrix products in `dtype` when the weights are held in a lower precision than fp32 (ZeRO-3 with bf16);
+    otherwise no change, so an enclosing autocast (bf16 over fp32 weights) stays in force."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def _normalised_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +408,7 @@ def _gather_ranks(trainer: _BTTrainer, train: pd.DataFrame) -> dict:
     mine = {
         "rank": int(os.environ.get("RANK", "0")),
         "pairs": [ids[i] for i in trainer.seen],
-        "local_parameters": int(sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)),
+        "local_parameters": int(sum(getattr(p, "ds_tensor", p).numel() for p in params)),
         "parameters": int(sum(getattr(p, "ds_numel", p.numel()) for p in params)),
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized():
