@@ -28,6 +28,9 @@ import gzip
 import json
 import logging
 import math
+import re
+import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,9 +383,6 @@ SLURM_TIMEOUT_S = 30  # a SLURM client command slower than this counts as its da
 def slurm_command(command: list[str], daemon: str) -> str:
     """Run a SLURM client command and return its output; when it is missing, fails or hangs, one WorkflowError
     naming the daemon it needs and the command."""
-    import shlex
-    import subprocess
-
     from snakemake.exceptions import WorkflowError
 
     shown = shlex.join(command)
@@ -404,7 +404,6 @@ def slurm_command(command: list[str], daemon: str) -> str:
 def gpus_per_partition(sinfo_nodes: str) -> tuple[dict[str, int], str | None]:
     """The most GPUs one node of each partition has, and the default partition, from `sinfo -N -o '%P|%G'`
     (gres such as `gpu:4`, `gpu:a100:4(S:0-1)`, `gpu:1,shard:2` or `(null)`)."""
-    import re
 
     capacity: dict[str, int] = {}
     default = None
@@ -423,7 +422,6 @@ def explain_slurm_failures(workflow, log) -> list[str]:
     """After a failed run (Snakemake's `onerror`): one line per failed SLURM job saying why SLURM ended it
     (its time limit, its memory: the plugin itself says only 'FAILED'), from sacct and the job's SLURM log.
     Returns the lines, which are also logged."""
-    import re
 
     from snakemake.logging import logger
 
@@ -446,7 +444,6 @@ def explain_slurm_failures(workflow, log) -> list[str]:
 
 
 def _sacct_mb(text: str) -> float | None:
-    import re
 
     m = re.match(r"([\d.]+)([KMGT]?)", text or "")
     if not m:
@@ -455,8 +452,6 @@ def _sacct_mb(text: str) -> float | None:
 
 
 def _failure_reason(jobid: str, slurm_log: str | None) -> str:
-    import re
-    import subprocess
 
     try:
         out = subprocess.run(["sacct", "-j", jobid, "--noheader", "--parsable2", "--format=State,ExitCode,MaxRSS,ReqMem,Elapsed,Timelimit"],
