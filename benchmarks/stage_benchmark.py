@@ -346,7 +346,7 @@ def sae_rows(args, rows, cache_dir: Path, d_in: int, device: str) -> None:
     vectors = list(cache.sentence_shards())
     width, k = default_width(d_in), default_k(d_in)
     start = time.perf_counter()
-    train_sae(lambda: vectors, d_in, width, k, args.sae_samples, batch_size=256, lr=0.002, device=device)
+    train_sae(vectors, d_in, width, k, args.sae_samples, batch_size=256, lr=0.002, device=device)
     seconds = time.perf_counter() - start
     rate = args.sae_samples / seconds
     reference, ratio = "the default's 300k samples", None

@@ -70,7 +70,7 @@ def trained(tiny_model_dir, hh_pairs, tmp_path_factory):
     from sarm import activations as A
     from sarm import models
     from sarm.reward import fit_reward_model
-    from sarm.sae import train_sae
+    from sarm.sae import cache_chunks, train_sae
 
     root = tmp_path_factory.mktemp("sarm")
     tokenizer = models.load_tokenizer(tiny_model_dir)
@@ -79,7 +79,7 @@ def trained(tiny_model_dir, hh_pairs, tmp_path_factory):
     for name, pairs in (("train", train_pairs), ("val", val_pairs)):
         A.cache_activations(backbone, tokenizer, pairs, root / name, max_length=96, batch_size=4, meta={"dtype": "float32"})
     train, val = A.ActivationCache(root / "train"), A.ActivationCache(root / "val")
-    sae = train_sae(train.sentence_shards, 64, 256, 8, 2000, batch_size=64)
+    sae = train_sae(cache_chunks(train), 64, 256, 8, 2000, batch_size=64)
     spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
     settings = {"epochs": 3, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}
     model, history = fit_reward_model({"features": "sae"}, train, val, tiny_model_dir, spec, settings, sae)

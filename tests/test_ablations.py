@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_rewardbench2 import grouped_scores
 from test_workflow import REPO, snakemake, tiny_config
 
 from sarm.ablations import comparisons, ordering_table, paired_bootstrap, verdict
@@ -93,6 +94,23 @@ def test_ordering_table_scores_are_the_category_mean():
     row = ordering_table(scores, specs, draws=100).iloc[0]
     # a: x 2/2, y 1/2 -> 75 %; d: x 1/2, y 0/2 -> 25 %
     assert (row["score_winner"], row["score_loser"], row["difference"]) == (75.0, 25.0, 50.0)
+
+
+def test_rewardbench2_orderings_use_the_official_score():
+    """On RewardBench 2 the orderings compared pair accuracies, while Table 2 reports best-of-4 and Ties: here
+    `a` wins 4 of 6 Math pairs but no prompt, `d` 2 of 6 pairs but a third of each prompt (3-way ties at the
+    top); Ties is the same for both."""
+    from sarm.rewardbench import summarize
+
+    ties = {("Ties", "ref:1"): ([2.0], [1.0]), ("Ties", "tied:1"): ([2.0, 1.5], [1.0])}
+    a = grouped_scores({("Math", "m1"): ([3.0], [1.0, 2.0, 4.0]), ("Math", "m2"): ([3.0], [1.0, 2.0, 4.0]), **ties})
+    d = grouped_scores({("Math", "m1"): ([3.0], [3.0, 3.0, 0.0]), ("Math", "m2"): ([3.0], [3.0, 3.0, 0.0]), **ties})
+    specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
+    row = ordering_table({"a": {"rb2": a}, "d": {"rb2": d}}, specs, draws=200).iloc[0]
+    official = {name: 100 * summarize(t, name)["benchmark_scores"]["score"] for name, t in (("a", a), ("d", d))}
+    assert (row["score_winner"], row["score_loser"]) == (round(official["a"], 1), round(official["d"], 1))
+    assert row["score_winner"] < row["score_loser"] and row["verdict"].startswith("reversed")
+    assert row["ci_low"] <= row["difference"] <= row["ci_high"]
 
 
 def test_bad_reward_model_specs_name_the_key():

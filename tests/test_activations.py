@@ -198,3 +198,64 @@ def test_content_that_repeats_template_text_is_located_by_the_template(tokenizer
     spans = A._template_spans(tokenizer, prompt, "assistant", text)
     assert [text[a:b] for a, b in spans] == ["user", "assistant"]
     assert spans[0][0] > text.index("<|im_start|>user") + len("<|im_start|>user")  # the message, not the role
+
+
+# Chat templates that trim message text, as Llama 3's does (`message['content'] | trim`), on SmolLM2's tokenizer.
+TRIM = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
+        " + '<|im_end|>\n' }}{% endfor %}")
+# ... and leaves out blank messages: the rendering with placeholders no longer lines up, so contents are searched for
+TRIM_SKIP_BLANK = ("{% for message in messages %}{% if message['content'] | trim %}{{ '<|im_start|>' + message['role']"
+                   " + '\n' + message['content'] | trim + '<|im_end|>\n' }}{% endif %}{% endfor %}")
+# ... and shows only the answer of a reasoning response (a rewrite beyond trimming: that message cannot be located)
+TRIM_THINK = ("{% for message in messages %}{% set content = message['content'] | trim %}{% if '</think>' in content %}"
+              "{% set content = content.split('</think>')[-1] | trim %}{% endif %}"
+              "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}")
+PADDED_PROMPT = [{"role": "system", "content": " \n"}, {"role": "user", "content": "\n Hi there. How are you?\n\n"}]
+PADDED_RESPONSE = "  Fine, thanks!\nAnd you?  "
+
+
+@pytest.mark.parametrize("template", [TRIM, TRIM_SKIP_BLANK], ids=["trim", "trim-skip-blank"])
+def test_a_trimming_template_keeps_every_message_sentence_ends(tiny_model_dir, template):
+    tokenizer = models.load_tokenizer(tiny_model_dir, template)
+    encoded = A.encode(tokenizer, PADDED_PROMPT, PADDED_RESPONSE, 512)
+    assert "Hi there. How are you?<|im_end|>" in A.render(tokenizer, PADDED_PROMPT, PADDED_RESPONSE)  # trimmed
+    assert pieces(tokenizer, encoded, encoded.sentence_ends) == [".", "?", ",", "\n", "?"]
+    assert "".join(pieces(tokenizer, encoded, encoded.content)) == "Hi there. How are you?Fine, thanks!\nAnd you?"
+    assert encoded.unlocated == 0
+
+
+def test_a_message_the_template_rewrites_is_counted_and_logged(tiny_model_dir, tiny, tmp_path, caplog):
+    tokenizer = models.load_tokenizer(tiny_model_dir, TRIM_THINK)
+    prompt = [{"role": "user", "content": " Hi. Why? "}]
+    thinking = "<think>Plan it.</think>\n\n Answer! Done. "
+    encoded = A.encode(tokenizer, prompt, thinking, 512)
+    assert A.render(tokenizer, prompt, thinking).endswith("assistant\nAnswer! Done.<|im_end|>")
+    assert pieces(tokenizer, encoded, encoded.sentence_ends) == [".", "?"]  # the user's, trimmed; not the response's
+    assert encoded.unlocated == 1
+    pairs = pd.DataFrame({"id": ["p"], "prompt": [prompt], "chosen": [thinking], "rejected": [" No. "]})
+    with caplog.at_level("WARNING", logger="sarm.activations"):
+        meta = A.cache_activations(tiny, tokenizer, pairs, tmp_path / "cache", max_length=64, batch_size=2)
+    assert meta["n_unlocated_messages"] == 1
+    assert "1 message(s) could not be located" in caplog.text
+
+
+def test_token_level_corpus_draws_only_content_tokens(tokenizer):
+    """The token-level SAE's corpus, like the sentence-level one, never holds a BOS or a chat-template token (here
+    SmolLM2's default system prompt, the role names, `<|im_start|>` / `<|im_end|>`)."""
+    prompt = [{"role": "user", "content": "Tell me a story. Short, please!"}]
+    response = "Once upon a time, a fox met a crow. It ended well; the end."
+    text = A.render(tokenizer, prompt, response)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans = [(text.index(prompt[0]["content"]), text.index(prompt[0]["content"]) + len(prompt[0]["content"])),
+             (text.rindex(response), text.rindex(response) + len(response))]
+    content = {i for i, (s, e) in enumerate(offsets) if e > s and any(a <= s and e <= b for a, b in spans)}
+    assert len(content) < len(offsets) / 2  # most tokens are the template's
+    encoded = A.encode(tokenizer, prompt, response, 512)
+    drawn = set()
+    for seed in range(30):
+        picked = A.token_positions(encoded, seed=seed).sentence_ends
+        assert len(picked) == len(encoded.sentence_ends) == len(set(picked.tolist()))
+        drawn |= set(picked.tolist())
+    assert drawn <= content and len(drawn) > len(encoded.sentence_ends)
+    cut = A.encode(tokenizer, prompt, response, 12)  # truncation keeps the content positions in step
+    assert set(A.token_positions(cut, seed=0).sentence_ends.tolist()) <= {i - (len(offsets) - 12) for i in content}

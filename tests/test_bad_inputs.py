@@ -74,13 +74,14 @@ def test_missing_reward_model_folder(tmp_path):
 def test_pretrained_sae_of_another_width_is_refused(tmp_path):
     from sarm.sae import save_sae, train_sae
 
-    save_sae(train_sae(lambda: [torch.randn(64, 8)], 8, 16, 2, 64, batch_size=32), tmp_path / "sae")
+    save_sae(train_sae([torch.randn(64, 8)], 8, 16, 2, 64, batch_size=32), tmp_path / "sae")
 
     class Cache:
         hidden_size = 12
 
     settings = {"pretrained": {"path": str(tmp_path / "sae")}}
-    with pytest.raises(SarmError, match="^config key sae.pretrained: the SAE reads 8-dim inputs, the model layer has 12$"):
+    message = r"^config key sae.pretrained: the SAE \(no hook name\) reads 8-dim inputs, but the model's cached states are 12-dim$"
+    with pytest.raises(SarmError, match=message):
         prepare_sae(settings, Cache(), "cpu", 0, {})
 
 

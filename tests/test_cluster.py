@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from test_workflow import REPO, SECRET, snakemake, tiny_config
 
@@ -84,6 +85,10 @@ def test_paper_config_asks_for_what_an_8b_model_at_layer_16_needs(paper_plan, sh
     assert not [j for j in paper_plan if j["rule"] == "cache_activations" and j["wildcards"]["table"] not in ("train", "val")]
     sae = job(paper_plan, "sae")
     assert sae["gpu"] == 1 and sae["mem_mb"] >= 10_000
+    # the paper's SAE corpus: ~1B OpenWebText2 tokens, sized by the token budget (6x the training pairs' tokens)
+    corpus = job(paper_plan, "cache_sae_corpus", positions="sentence")
+    assert corpus["gpu"] == 1 and corpus["runtime"] > 4 * train["runtime"]
+    assert not [j for j in paper_plan if j["rule"] == "cache_sae_corpus" and j["wildcards"]["positions"] != "sentence"]
     # the paper's fine-tuning of layers 1..16 + head: 8 GPUs of one node (finetune.gpus), each of the 8 processes
     # loads ~4B parameters in fp32 on the host before moving them to its GPU, 3 epochs of ~73k pairs: hours
     sarm, dense = job(paper_plan, "finetune_reward", rm="sarm"), job(paper_plan, "finetune_reward", rm="dense")
@@ -307,3 +312,23 @@ def test_best_of_n_and_rl_jobs_are_sized_from_the_experiment(shared_data):
     assert cluster.estimate("rl_train", default | {"device": "cpu"}, small)["mem_mb"] >= 6000
     # best-of-N before its candidates table exists: 60 prompts x 16 planned candidates, two sequences a "pair"
     assert cluster.table_pairs(default, "bon") == 60 * 16 // 2
+
+
+@pytest.mark.parametrize("name, size_b", [("sarm-4b", 4.3), ("sarm-3b", 2.7), ("sarm-2b", 2.0)])
+def test_paper_configs_have_the_papers_sizes(name, size_b):
+    """Table 1's sizes count embeddings + layers 1..L + the SAE encoder (SARM-4B: 4.0B + 0.27B): each config's
+    layer gives its model's published size, counted on the real architectures (no weights loaded)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    paper = yaml.safe_load((REPO / "config/paper/sarm-4b.yaml").read_text())
+    own = yaml.safe_load((REPO / f"config/paper/{name}.yaml").read_text())
+    layer, width = own["model"]["layer"], (own.get("sae") or {}).get("width") or paper["sae"]["width"]
+    architectures = {  # the hub configs of Llama-3.1-8B-Instruct and Llama-3.2-3B-Instruct
+        "meta-llama/Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+        "meta-llama/Llama-3.2-3B-Instruct": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+    }
+    shape = architectures[own.get("model", {}).get("hub_id", paper["model"]["hub_id"])]
+    with torch.device("meta"):
+        backbone = LlamaModel(LlamaConfig(vocab_size=128256, num_hidden_layers=layer, **shape))
+    size = sum(p.numel() for p in backbone.parameters()) + shape["hidden_size"] * width  # + the SAE encoder
+    assert round(size / 1e9, 1) == size_b, (name, layer, size / 1e9)

@@ -25,7 +25,7 @@ from sarm.cli import main as cli_main
 from sarm.errors import SarmError
 from sarm.evaluate import score_cached
 from sarm.reward import RewardModel, fit_reward_model
-from sarm.sae import train_sae
+from sarm.sae import cache_chunks, train_sae
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def tiny(tiny_model_dir, hh_pairs, tmp_path_factory):
     backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
     A.cache_activations(backbone, tokenizer, pairs, root / "cache", max_length=96, batch_size=4, shard_size=10, meta={"dtype": "float32"})
     cache = A.ActivationCache(root / "cache")
-    sae = train_sae(cache.sentence_shards, 64, 128, 8, 2000, batch_size=64)
+    sae = train_sae(cache_chunks(cache), 64, 128, 8, 2000, batch_size=64)
     spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
     model, _ = fit_reward_model({"features": "sae"}, cache, cache, tiny_model_dir, spec, {"epochs": 1, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}, sae)
     g = torch.Generator().manual_seed(0)

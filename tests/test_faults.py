@@ -18,7 +18,7 @@ SAE_RUN = textwrap.dedent(
     import sys, torch
     from sarm.sae import train_sae
     data = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
-    train_sae(lambda: [data[:1500], data[1500:]], 16, 64, 4, total_samples=24_000, batch_size=200,
+    train_sae([data[:1500], data[1500:]], 16, 64, 4, total_samples=24_000, batch_size=200,
               lr=3e-3, buffer_size=1000, checkpoint_root=sys.argv[1], n_checkpoints=5)
     """
 )
@@ -26,7 +26,7 @@ SAE_RUN = textwrap.dedent(
 
 def sae_corpus():
     data = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
-    return lambda: [data[:1500], data[1500:]]
+    return [data[:1500], data[1500:]]
 
 
 def test_sae_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):

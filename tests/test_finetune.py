@@ -80,7 +80,7 @@ def test_finetuned_model_scores_text_with_its_own_backbone(finetuned, hh_pairs):
     assert np.isclose(one[0], scores.score_chosen.iloc[0], atol=1e-4)
 
 
-def test_joint_mode_trains_the_sae_and_topk_off_is_relu(tiny_model_dir, hh_pairs, trained, tmp_path):
+def test_joint_mode_trains_the_sae_and_topk_off_reads_signed_pre_activations(tiny_model_dir, hh_pairs, trained, tmp_path):
     sae = load_sae(trained[0] / "rm" / "sae")
     out, _ = finetune_reward_model(
         _spec(mode="joint", topk=False), {**SETTINGS, "epochs": 1}, tiny_model_dir, MODEL_SPEC,
@@ -91,22 +91,102 @@ def test_joint_mode_trains_the_sae_and_topk_off_is_relu(tiny_model_dir, hh_pairs
     assert not torch.equal(model.sae.W_enc, sae.W_enc)  # the SAE trained too
     x = torch.randn(5, 64)
     dense = model.features(x)
-    assert ((dense > 0).sum(1) > model.sae.cfg.k).all()  # more than k latents fire without TopK
+    # TopK off as the public code: every latent's signed pre-activation W_enc (x - b_pre) + b_enc, no ReLU
+    pre_acts = (x - model.sae.b_dec) @ model.sae.W_enc + model.sae.b_enc
+    if model.sae.cfg.rescale_acts_by_decoder_norm:  # latents measured against unit-norm decoder rows (sae-lens)
+        pre_acts = pre_acts * model.sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(dense, pre_acts, atol=1e-5, rtol=1e-5)
+    assert (dense < 0).any(1).all() and ((dense != 0).sum(1) == model.sae.cfg.d_sae).all()
     set_topk(model.sae, True)
     assert ((model.sae.encode(x) > 0).sum(1) <= model.sae.cfg.k).all()
 
 
-def test_full_depth_classifier_is_a_standard_hf_folder(tiny_model_dir, hh_pairs, tmp_path):
-    from transformers import AutoModelForSequenceClassification
+def test_response_mask_covers_the_last_assistant_turn(tiny_model_dir, hh_pairs):
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    data = PairDataset(tokenizer, hh_pairs.iloc[:2], 512)
+    batch = PairCollator(tokenizer.pad_token_id)([data[0], data[1]])
+    for row, (pair, side) in enumerate([(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]):
+        ids = batch["input_ids"][row][batch["response_mask"][row].bool()].tolist()
+        text = tokenizer.decode(ids)
+        response = hh_pairs[side][pair]
+        assert text.startswith(response[:20].strip()) and text.rstrip().endswith("<|im_end|>"), text[:80]
+        assert ids[-1] == batch["input_ids"][row][batch["attention_mask"][row].sum() - 1]  # ends at the end of turn
 
+
+def test_joint_reconstruction_is_the_public_recipes(tiny_model_dir, hh_pairs, trained):
+    """sarm_train_mode=3 of the public code: the SAE reconstructs the detached standardised states of the last
+    assistant turn; per-token normalised MSE, masked mean per sequence, then the batch mean; only the SAE learns."""
+    from sarm.finetune import SarmForReward
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    data = PairDataset(tokenizer, hh_pairs.iloc[:3], 96)
+    batch = PairCollator(tokenizer.pad_token_id)([data[i] for i in range(3)])
+    sae = load_sae(trained[0] / "rm" / "sae")
+    set_topk(sae, False)
+    model = SarmForReward(models.load_truncated(tiny_model_dir, 2, torch.float32), sae.cfg.d_sae, sae, train_sae=True, recon_weight=1.0)
+    hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    recon = model._reconstruction(hidden, batch["response_mask"], torch.float32)
+
+    # the public code's Masked_Normalized_MSE_loss over [B, T]; TopK as sae-lens has it (the public TopK keeps a
+    # negative value among the top k, sae-lens zeroes it: they differ only where fewer than k latents are positive)
+    h = activations.standardize(hidden.detach())
+    pre = (h - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(sae.cfg.k, dim=-1)
+    latents = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+    h_hat = latents @ sae.W_dec + sae.b_dec
+    loss = ((h_hat - h) ** 2).mean(-1) / (h**2).mean(-1)
+    mask = batch["response_mask"].float()
+    expected = ((mask * loss).sum(-1) / mask.sum(-1)).mean()
+    torch.testing.assert_close(recon, expected, atol=1e-5, rtol=1e-5)
+
+    recon.backward()
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())  # the states were detached
+
+
+@pytest.fixture(scope="module")
+def full_depth(tiny_model_dir, hh_pairs, tmp_path_factory):
     out, _ = finetune_reward_model(
         {"mode": "full_depth", "features": "hidden", "sae": None, "topk": None}, {**SETTINGS, "epochs": 1},
-        tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path / "rm", None, "cpu",
+        tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path_factory.mktemp("full") / "rm",
+        None, "cpu",
     )
+    return out
+
+
+def test_full_depth_classifier_is_a_standard_hf_folder(full_depth, hh_pairs):
+    from transformers import AutoModelForSequenceClassification
+
+    out = full_depth
     classifier = AutoModelForSequenceClassification.from_pretrained(out)
     assert classifier.config.num_hidden_layers == 4 and classifier.config.num_labels == 1
     scores = load_reward_model(out).score(hh_pairs.prompt[:2].tolist(), hh_pairs.chosen[:2].tolist())
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_an_outside_loader_scores_the_full_depth_classifier_at_its_end_of_turn_token(full_depth):
+    """Plain transformers pools a sequence classifier at the last token whose id is not the config's pad_token_id;
+    SmolLM2's pad is its end-of-turn `<|im_end|>`, so a saved pad id left as it was read the token before."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(full_depth).eval()
+    tokenizer = AutoTokenizer.from_pretrained(full_depth)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert classifier.config.pad_token_id == tokenizer.pad_token_id != end_of_turn
+    prompts = [[{"role": "user", "content": "What is 2+2?"}],
+               [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another one, please?"}],
+               [{"role": "user", "content": "Hi"}]]
+    responses = ["4.", "Green, like grass in spring.", "Hello! How can I help you today?"]
+    texts = [tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
+             for p, r in zip(prompts, responses)]
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any() and (batch["input_ids"] == end_of_turn).any()
+    with torch.no_grad():
+        outside = classifier(**batch).logits[:, 0].numpy()
+    ours = load_reward_model(full_depth).score(prompts, responses)
+    np.testing.assert_allclose(outside, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_too_large_for_the_declared_memory_fails_before_training():

@@ -31,6 +31,8 @@ MINIATURE_KEYS = {
     "sae.k": "size (null: the paper's ratios to the hidden size)",
     "sae.training_samples": "size",
     "sae.batch_size": "size",
+    "explain.labels.n_contexts": "size (the local CPU judge)",
+    "sae.corpus*": "OpenWebText2 is not on this machine: the training pairs, the paper config's documented alternative",
     "finetune.epochs": "size",
     "finetune.global_batch_size": "size",
     "finetune.max_pairs": "size",

@@ -32,7 +32,7 @@ def test_head_learns_a_separable_preference_and_starts_at_zero():
 
 
 def test_sae_width_must_match_head(tmp_path):
-    sae = train_sae(lambda: [torch.randn(256, 8)], 8, 32, 2, 256, batch_size=64)
+    sae = train_sae([torch.randn(256, 8)], 8, 32, 2, 256, batch_size=64)
     with pytest.raises(SarmError, match="the SAE has 32 latents but the head has 31 weights"):
         RewardModel({"features": "sae"}, torch.zeros(31), sae)
 

@@ -26,6 +26,8 @@ from sarm.rewardbench import (
     V2_PROMPTS,
     best_of_n,
     length_baseline,
+    rewardbench2_prompts,
+    rewardbench2_subset_scores,
     summarize,
     ties_score,
 )
@@ -242,6 +244,54 @@ def test_best_of_4_subset_is_the_mean_over_prompts():
     got = summarize(scores, "m")
     assert got["benchmark_scores"]["Math"] == pytest.approx(11 / 24)
     assert got["n_prompts"] == {"Math": 4}
+
+
+def test_a_completion_scored_in_several_pairs_keeps_one_score():
+    """The chosen completion of a best-of-4 prompt is in all three pairs; the mean of its three equal scores,
+    3 x 0.1 / 3 = 0.10000000000000002, outscored a rejected 0.1 that the official code counts as a tie."""
+    scores = grouped_scores({
+        ("Math", "a"): ([0.1], [0.1, 0.0, -1.0]),  # official: a 2-way tie at the top -> 1/2
+        ("Ties", "ref:1"): ([0.1], [0.1, 0.0, -1.0]),  # margin 0.1 - 0.1 = 0: not accurate
+        ("Ties", "tied:1"): ([0.9, 0.8], [0.1]),
+    })
+    got = summarize(scores, "m")
+    assert got["benchmark_scores"]["Math"] == 0.5
+    assert got["ties"]["ref_accuracy"] == 0.0 and got["ties"]["tied_accuracy"] == 1.0
+
+
+def test_prompt_weights_score_as_the_prompts_repeated():
+    """`rewardbench2_subset_scores` with counts (a bootstrap resample) equals the official score of a table in
+    which each prompt appears that many times."""
+    rng = np.random.default_rng(0)
+    prompts, counts = {}, {}
+    for subset in ["Math", "Focus"]:
+        for g in range(5):
+            prompts[(subset, f"{subset}{g}")] = (rng.integers(0, 4, 1).astype(float).tolist(),
+                                                 rng.integers(0, 4, 3).astype(float).tolist())
+    for n in range(1, 6):
+        prompts[("Ties", f"ref:{n}")] = ([float(rng.integers(0, 5))], rng.normal(size=3).round(1).tolist())
+        if n != 5:  # prompt 5 has a ref group only
+            prompts[("Ties", f"tied:{n}")] = (rng.normal(2, 1, size=2).round(1).tolist(),
+                                              rng.normal(size=2).round(1).tolist())
+    table = grouped_scores(prompts)
+    units = rewardbench2_prompts(table)
+    weights = rng.integers(0, 3, len(units))
+    for subset in ("Math", "Focus"):  # no subset left empty
+        weights[np.flatnonzero(units["subset"].to_numpy() == subset)[0]] = 1
+    weights[np.flatnonzero(units["prompt"].to_numpy() == "1")[0]] = 1  # a Ties prompt with both groups
+    repeated = {}
+    for unit, count in zip(units.itertuples(), weights):
+        for copy in range(count):
+            if unit.subset == "Ties":  # ref:n and tied:n become ref:m and tied:m, m = 100 n + copy
+                for kind in ("ref", "tied"):
+                    if ("Ties", f"{kind}:{unit.prompt}") in prompts:
+                        m = int(unit.prompt) * 100 + copy
+                        repeated[("Ties", f"{kind}:{m}")] = prompts[("Ties", f"{kind}:{unit.prompt}")]
+            else:
+                repeated[(unit.subset, f"{unit.prompt}/{copy}")] = prompts[(unit.subset, unit.prompt)]
+    expected = summarize(grouped_scores(repeated), "m")["benchmark_scores"]
+    assert rewardbench2_subset_scores(units, weights) == pytest.approx(expected)
+    assert rewardbench2_subset_scores(units) == pytest.approx(summarize(table, "m")["benchmark_scores"])
 
 
 def completions(prompts):

@@ -71,3 +71,14 @@ def test_cache_texts_writes_a_corpus_the_sae_reads(tiny_model_dir, tmp_path):
     assert info["n_documents"] == 2 and info["source"] == "text" and len(vectors) == info["n_sentence_vectors"] == 7
     assert torch.allclose(vectors.mean(-1), torch.zeros(len(vectors)), atol=1e-4)  # standardised per token
     assert cache.index["id"].tolist() == sorted(cache.index["id"].tolist())
+
+
+def test_token_budget_stops_after_the_document_that_reaches_it(tiny_model_dir, tmp_path):
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
+    texts = pd.DataFrame({"id": [0, 1, 2], "text": [DOCS[0], DOCS[3], DOCS[0]]})
+    first = sum(len(w.input_ids) for w in activations.text_windows(tokenizer, DOCS[0], 16))
+    info = activations.cache_texts(backbone, tokenizer, texts, tmp_path / "budget", 16, 4, meta={}, max_tokens=first + 1)
+    cache = activations.ActivationCache(tmp_path / "budget")
+    assert info["n_documents"] == 2 and info["n_documents_fetched"] == 3 and info["max_tokens"] == first + 1
+    assert sorted(set(cache.index["id"])) == [0, 1] and info["n_tokens"] > first

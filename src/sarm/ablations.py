@@ -1,5 +1,7 @@
 """Do the paper's orderings hold here? Each claim compares two reward models that differ in one respect, on the
-same pairs, with a paired, category-stratified bootstrap interval on the score difference.
+same pairs, with a paired, category-stratified bootstrap interval on the score difference. The score is the one
+the paper's tables report: on RewardBench 2 the official score (best-of-4 per prompt, the Ties formula, the mean
+of the six subsets; prompts resampled within subsets), elsewhere the accuracy tables' overall.
 
 The models of a comparison are found by their config spec (features, mode, sae, topk), not by their names, so
 any config that trains the two variants gets the comparison.
@@ -10,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sarm.rewardbench import EXAMPLE_COUNTS, pair_correct
+from sarm.rewardbench import (
+    EXAMPLE_COUNTS,
+    benchmark_of,
+    pair_correct,
+    rewardbench2_prompts,
+    rewardbench2_subset_scores,
+)
 
 # (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
 CLAIMS: list[tuple[str, dict, dict]] = [
@@ -79,6 +87,29 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, categories: n
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
+def rewardbench2_comparison(a: pd.DataFrame, b: pd.DataFrame, draws: int = 2000,
+                            seed: int = 0) -> tuple[float, float, float, float]:
+    """(score a, score b, 95 % interval of a - b) on a RewardBench 2 table: the official score Table 2 reports
+    (best-of-4 per prompt, the Ties formula, the mean of the subsets), prompts resampled within each subset
+    (a Ties prompt's ref and tied groups together), the same draw for both models."""
+    prompts_a, prompts_b = rewardbench2_prompts(a), rewardbench2_prompts(b)
+    if prompts_a[["subset", "prompt"]].values.tolist() != prompts_b[["subset", "prompt"]].values.tolist():
+        raise ValueError("the two models were scored on different RewardBench 2 prompts")
+    score_a = rewardbench2_subset_scores(prompts_a)["score"]
+    score_b = rewardbench2_subset_scores(prompts_b)["score"]
+    rng = np.random.default_rng(seed)
+    subsets = prompts_a["subset"].to_numpy()
+    groups = [np.flatnonzero(subsets == s) for s in pd.unique(subsets)]
+    diffs = np.empty(draws)
+    for i in range(draws):
+        counts = sum(np.bincount(rng.choice(g, size=len(g)), minlength=len(subsets)) for g in groups)
+        diffs[i] = (rewardbench2_subset_scores(prompts_a, counts)["score"]
+                    - rewardbench2_subset_scores(prompts_b, counts)["score"])
+    if np.isnan(diffs).all():  # Ties without a prompt that has both groups: the official score is NaN
+        return score_a, score_b, float("nan"), float("nan")
+    return score_a, score_b, float(np.nanpercentile(diffs, 2.5)), float(np.nanpercentile(diffs, 97.5))
+
+
 def verdict(difference: float, low: float, high: float) -> str:
     if low > 0:
         return "holds"
@@ -88,19 +119,24 @@ def verdict(difference: float, low: float, high: float) -> str:
 
 
 def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict[str, dict], draws: int = 2000) -> pd.DataFrame:
-    """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table."""
+    """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table. A RewardBench
+    2 table is compared on its official score (`rewardbench2_comparison`), any other on the accuracy tables'
+    overall (`category_mean_accuracy`, pairs resampled within categories)."""
     rows = []
     for claim, win, lose in comparisons(specs):
         for table in scores[win]:
             a, b = scores[win][table], scores[lose][table]
             if a["id"].tolist() != b["id"].tolist():
                 raise ValueError(f"{win} and {lose} were scored on different pairs of {table}")
-            categories, weights = a["category"].to_numpy(), pair_weights(a)
-            correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
-            correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
-            score_a = category_mean_accuracy(correct_a, categories, weights)
-            score_b = category_mean_accuracy(correct_b, categories, weights)
-            low, high = paired_bootstrap(correct_a, correct_b, categories, draws, weights=weights)
+            if benchmark_of(a) == "rewardbench-2":
+                score_a, score_b, low, high = rewardbench2_comparison(a, b, draws)
+            else:
+                categories, weights = a["category"].to_numpy(), pair_weights(a)
+                correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
+                correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
+                score_a = category_mean_accuracy(correct_a, categories, weights)
+                score_b = category_mean_accuracy(correct_b, categories, weights)
+                low, high = paired_bootstrap(correct_a, correct_b, categories, draws, weights=weights)
             rows.append({
                 "claim": claim, "table": table, "winner_by_paper": win, "loser_by_paper": lose,
                 "score_winner": 100 * score_a, "score_loser": 100 * score_b, "difference": 100 * (score_a - score_b),

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -40,11 +40,16 @@ CHECKSUMS = "shard_sha256"  # meta.json key: shard file name -> sha256 of its by
 @dataclass
 class Encoded:
     """One tokenised conversation: its ids, the positions of sentence-final content tokens, and whether
-    it was cut to fit `max_length`."""
+    it was cut to fit `max_length`. `content`: the positions of the tokens inside message content (None: not
+    known, e.g. a conversation rendered elsewhere); `unlocated`: how many messages' content could not be found
+    in the rendered text (their tokens count as template, so they give no sentence ends)."""
 
     input_ids: np.ndarray
     sentence_ends: np.ndarray
     truncated: bool
+    response_start: int = 0  # the first token of the last message's content (the joint mode's reconstruction span)
+    content: np.ndarray | None = None
+    unlocated: int = 0
 
 
 def render(tokenizer, prompt: list[dict], response: str) -> str:
@@ -90,13 +95,16 @@ def _template_spans(tokenizer, prompt: list[dict], response: str, text: str) -> 
 
 
 def _content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
-    """Character spans of each message's content inside the rendered text, found left to right."""
+    """Character spans of each message's content inside the rendered text, found left to right, as given or
+    trimmed as a template may show it (Llama 3's `| trim`). A content not found has no span."""
     spans, cursor = [], 0
     for content in contents:
-        start = text.find(content, cursor) if content else -1
-        if start >= 0:
-            spans.append((start, start + len(content)))
-            cursor = start + len(content)
+        for shown in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            start = text.find(shown, cursor) if shown else -1
+            if start >= 0:
+                spans.append((start, start + len(shown)))
+                cursor = start + len(shown)
+                break
     return spans
 
 
@@ -123,6 +131,13 @@ def sentence_final_positions(text: str, offsets: list[tuple[int, int]], spans: l
         if not following:
             positions.append(i)
     return positions
+
+
+def content_positions(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Positions of the tokens that lie inside message content (`sentence_final_positions`' sense): never a BOS,
+    a special token of the template or its scaffolding text."""
+    return np.asarray([i for i, (start, end) in enumerate(offsets)
+                       if end > start and any(a <= start and end <= b for a, b in spans)], dtype=np.int64)
 
 
 _SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -182,8 +197,21 @@ def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> Enc
     if any(token in special and in_content(s, e) for token, (s, e) in zip(ids, offsets)):
         ids, offsets = _markup_as_text(tokenizer, text, ids, offsets, lambda t, s, e: t in special and not in_content(s, e))
     ends = np.asarray(sentence_final_positions(text, offsets, spans), dtype=np.int64)
+    inside = content_positions(offsets, spans)
+    # a message the template rewrites beyond trimming is not found: counted (cache meta), not silently dropped
+    unlocated = max(0, sum(1 for c in contents if c.strip()) - sum(1 for a, b in spans if b > a))
     cut = max(0, len(ids) - max_length)  # keep the end: the reward is read at the final token
-    return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0)
+    return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0,
+                   max(0, _response_start(text, offsets, spans, response) - cut), inside[inside >= cut] - cut, unlocated)
+
+
+def _response_start(text: str, offsets: list, spans: list[tuple[int, int]], response: str) -> int:
+    """The first token of the response's content (the last span, when it shows the response as given or trimmed);
+    the final token when the response could not be located."""
+    if spans and response.strip() and text[spans[-1][0] : spans[-1][1]].strip() == response.strip():
+        start = spans[-1][0]
+        return next((i for i, (_, end) in enumerate(offsets) if end > start), len(offsets) - 1)
+    return len(offsets) - 1
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
@@ -200,37 +228,50 @@ def text_windows(tokenizer, text: str, max_length: int) -> list[Encoded]:
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     ends = np.asarray(sentence_final_positions(text, offsets, [(0, len(text))]), dtype=np.int64)
+    text_tokens = content_positions(offsets, [(0, len(text))])  # all but the tokenizer's BOS / EOS
     windows = []
     for start in range(0, len(ids), max_length):
         stop = min(start + max_length, len(ids))
         inside = ends[(ends >= start) & (ends < stop)] - start
-        windows.append(Encoded(np.asarray(ids[start:stop], dtype=np.int64), inside, False))
+        content = text_tokens[(text_tokens >= start) & (text_tokens < stop)] - start
+        windows.append(Encoded(np.asarray(ids[start:stop], dtype=np.int64), inside, False, content=content))
     return windows
 
 
 def cache_texts(model, tokenizer, texts: pd.DataFrame, out_dir: str | Path, max_length: int, batch_size: int,
-                device: str = "cpu", meta: dict | None = None, corpus: str = "sentence") -> dict:
+                device: str = "cpu", meta: dict | None = None, corpus: str = "sentence", max_tokens: int | None = None) -> dict:
     """Cache a plain-text SAE corpus (columns id, text): the sentence-final (or, `corpus="token"`, uniformly
-    drawn) states of every window of every document."""
-    encoded, rows = [], []
+    drawn) states of every window of the documents, in order, until `max_tokens` tokens (the token budget;
+    None: all documents)."""
+    encoded, rows, n_tokens, n_documents = [], [], 0, 0
     for doc in tqdm(texts.itertuples(index=False), total=len(texts), desc="tokenise", mininterval=5):
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
+        n_documents += 1
         for number, window in enumerate(text_windows(tokenizer, doc.text, max_length)):
             rows.append({"seq": len(rows), "id": doc.id, "window": number})
             encoded.append(window)
+            n_tokens += len(window.input_ids)
+    if max_tokens is not None and n_tokens < max_tokens:
+        log.warning("the SAE corpus holds %d tokens in %d documents, fewer than its budget sae.corpus.max_tokens = %d: "
+                    "raise sae.corpus.max_documents to reach it", n_tokens, n_documents, max_tokens)
     return cache_sequences(
         model, tokenizer, pd.DataFrame(rows), out_dir, max_length, batch_size, device,
-        meta={**(meta or {}), "corpus": corpus, "source": "text"}, counts={"n_documents": len(texts)},
+        meta={**(meta or {}), "corpus": corpus, "source": "text"},
+        counts={"n_documents": n_documents, "n_documents_fetched": len(texts), "max_tokens": max_tokens},
         corpus=corpus, encoded=encoded,
     )
 
 
 def token_positions(encoded: Encoded, seed: int) -> Encoded:
     """The same sequence with its sentence-final positions replaced by as many (at least one) positions drawn
-    uniformly from all its tokens, without replacement: the token-level SAE's corpus at the same size."""
-    n = len(encoded.input_ids)
-    count = min(n, max(1, len(encoded.sentence_ends)))
-    picked = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
-    return Encoded(encoded.input_ids, picked.astype(np.int64), encoded.truncated)
+    uniformly from its content tokens (`Encoded.content`; all its tokens where that is unknown), without
+    replacement: the token-level SAE's corpus at the same size. Like the sentence-level corpus it never holds a
+    BOS or a chat-template token."""
+    pool = np.arange(len(encoded.input_ids)) if encoded.content is None else np.asarray(encoded.content)
+    count = min(len(pool), max(1, len(encoded.sentence_ends)))
+    picked = np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
+    return replace(encoded, sentence_ends=picked.astype(np.int64))
 
 
 def standardize(hidden: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Tensor:
@@ -257,19 +298,21 @@ def pad_right(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def forward_batch(model, batch: list[Encoded], pad_id: int, device: str, with_sentences: bool):
+def forward_batch(model, batch: list[Encoded], pad_id: int, device: str, with_sentences: bool, standardized: bool = True):
     """Run one right-padded batch; return standardised final-token vectors [B, d] and, per sequence,
-    its standardised sentence-final vectors [m_i, d]."""
+    its standardised sentence-final vectors [m_i, d]. `standardized=False`: the raw states, in float32 (what a
+    public SAE reads; sae-lens normalises them itself)."""
+    states = standardize if standardized else (lambda h: h.float())
     lengths = [len(e.input_ids) for e in batch]
     ids, mask = pad_right([e.input_ids for e in batch], pad_id)
     hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     rows = torch.arange(len(batch), device=hidden.device)
-    final = standardize(hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]).cpu()
+    final = states(hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]).cpu()
     sentences = []
     if with_sentences:
         for row, e in enumerate(batch):
             pos = torch.from_numpy(e.sentence_ends).to(hidden.device)
-            sentences.append(standardize(hidden[row, pos]).cpu())
+            sentences.append(states(hidden[row, pos]).cpu())
     return final, sentences
 
 
@@ -358,7 +401,13 @@ def cache_sequences(
     with columns `prompt` (chat messages) and `response`; row i becomes cached sequence i, and the other
     columns go to the index as they are. The SAE corpus kept beside the final tokens holds the sentence-final
     states (`corpus="sentence"`) or as many states at token positions drawn uniformly (`"token"`, for the
-    token-level SAE ablation). `encoded`: sequences tokenised already (then `sequences` is only the index)."""
+    token-level SAE ablation). `encoded`: sequences tokenised already (then `sequences` is only the index).
+    A pretrained SAE's input in `meta["sae_input"]` (sarm.sae_input: its hook and normalisation) is checked against
+    the model, and says whether the states are standardised (this project's SAEs) or kept raw (a public SAE's)."""
+    states = (meta or {}).get("sae_input")
+    if states is not None:
+        _check_states(model, states)
+    standardized = states is None or states["standardize"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sequences = sequences.reset_index(drop=True)
@@ -368,6 +417,10 @@ def cache_sequences(
             for row in tqdm(sequences.itertuples(index=False), total=len(sequences), desc="tokenise", mininterval=5)
         ]
         sequences = sequences.drop(columns=["prompt", "response"])
+    n_unlocated = sum(e.unlocated for e in encoded)
+    if n_unlocated:
+        log.warning("%d message(s) could not be located in their chat-templated text (the template rewrites them "
+                    "beyond trimming): they give no sentence ends", n_unlocated)
     if corpus == "token":
         encoded = [token_positions(e, seed=i) for i, e in enumerate(encoded)]
     elif corpus != "sentence":
@@ -381,7 +434,7 @@ def cache_sequences(
     start = time.perf_counter()
     batches = length_sorted_batches(sequences["n_tokens"].tolist(), batch_size)
     for batch in tqdm(batches, desc=f"layers 1..L -> {out_dir.name}", mininterval=5):
-        final, sentences = forward_batch(model, [encoded[i] for i in batch], tokenizer.pad_token_id, device, with_sentences)
+        final, sentences = forward_batch(model, [encoded[i] for i in batch], tokenizer.pad_token_id, device, with_sentences, standardized)
         bad = [i for i, row in zip(batch, final) if not torch.isfinite(row).all()]
         if bad:
             raise SarmError(f"{out_dir}: the model gave non-finite hidden states for {len(bad)} sequence(s) (e.g. "
@@ -401,16 +454,28 @@ def cache_sequences(
         "n_tokens": int(sequences["n_tokens"].sum()),
         "n_sentence_vectors": int(sequences["n_sentences"].sum()) if with_sentences else 0,
         "n_truncated": n_trunc,
+        "n_unlocated_messages": n_unlocated,
         "max_length": max_length,
         "n_shards": writer.n_shards,
         CHECKSUMS: writer.checksums,
         "forward_seconds": round(seconds, 3),
         "sequences_per_second": round(len(sequences) / max(seconds, 1e-9), 3),
         "tokens_per_second": round(int(sequences["n_tokens"].sum()) / max(seconds, 1e-9), 1),
-        "standardize_eps": STANDARDIZE_EPS,
+        "standardize_eps": STANDARDIZE_EPS if standardized else None,  # None: raw states (meta sae_input)
     }
     (out_dir / META_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _check_states(model, states: dict) -> None:
+    """The truncated model gives the hidden state the SAE's hook names, as wide as the SAE reads."""
+    from sarm.sae_input import check_width
+
+    layer = model.config.num_hidden_layers  # the truncated model's last_hidden_state is hidden_states[layer]
+    if states["hidden_states"] != layer:
+        raise SarmError(f"config key sae.pretrained: the SAE's hook {states['hook_name']} reads hidden_states"
+                        f"[{states['hidden_states']}], but config key model.layer = {layer} caches hidden_states[{layer}]")
+    check_width(states, model.config.hidden_size, layer)
 
 
 def _sha256(data: bytes) -> str:

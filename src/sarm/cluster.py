@@ -144,6 +144,11 @@ def table_pairs(config: dict, table: str) -> int:
             total = min(total, config["train"]["max_pairs"])
         val = max(1, round(total * config["train"]["val_fraction"]))
         return val if table == "val" else total - val
+    if table == "corpus":  # the plain-text SAE corpus: windows of sae.corpus.max_length tokens, two to a "pair"
+        corpus = config["sae"]["corpus"] or {}
+        window = corpus.get("max_length") or config["model"]["max_length"]
+        tokens = corpus.get("max_tokens") or (corpus.get("max_documents") or UNKNOWN_PAIRS) * window
+        return max(1, math.ceil(tokens / window / 2))
     if table == "bon":  # candidates, two to a "pair" (sequences = 2 x pairs)
         built = count_rows(f"{config['resources_dir']}/bon/candidates.parquet")
         if built is None:
@@ -211,6 +216,24 @@ def sae_shape(config: dict, hidden: int) -> tuple[int, int]:
     width = config["sae"]["width"] or 16 * hidden
     k = config["sae"]["k"] or max(1, round(3 * hidden / 64))
     return width, k
+
+
+def _eval_tables(config: dict) -> list[str]:
+    return ["val", *config["eval"]["datasets"]]
+
+
+def _explain_table(config: dict) -> str:
+    """workflow/rules/common.smk's EXPLAIN_TABLE: the cards' evaluation table."""
+    return config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
+
+
+# The interpretability and best-of-N rules that read SAE latents of cached tables: rule -> the tables one job reads.
+READ_LATENTS = {
+    "attributions": lambda config, table: [table or "val"],
+    "feature_stats": lambda config, table: [_explain_table(config)],
+    "preference_shift": lambda config, table: _eval_tables(config),
+    "bon_scores": lambda config, table: ["bon"],
+}
 
 
 def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm: str | None = None,
@@ -295,6 +318,16 @@ def estimate(rule: str, config: dict, shape: Shape, table: str | None = None, rm
         # + TRL/peft and generation buffers: the default's rl_train peaked at 5.8 GB on the CPU
         host = BASE_MB + RL_OVERHEAD_MB + _mb(policy * 4 * 1.25 + (0 if gpu else device_mem + act))
         gpu_mem = _mb(device_mem + act) if gpu else 0
+    elif rule in READ_LATENTS:
+        # dense SAE latents of every sequence of the largest table read, plus their contributions (or firing
+        # masks) and the hidden states: 11k RewardBench 2 sequences x 65,536 latents are 2.9 GB a copy
+        tables = READ_LATENTS[rule](config, table)
+        sequences = 2 * max(table_pairs(config, t) for t in tables)
+        host = BASE_MB + _mb(sequences * (width + h) * 4 * 3)
+        gpu_mem = 0
+        flops = sequences * h * width * 2 * len(tables)
+        if rule == "feature_stats":  # + the cards' corpus contexts: every sentence-final state of train, encoded
+            flops += 2 * table_pairs(config, "train") * SENTENCES_PER_SEQUENCE * h * width * 2
     elif rule == "evaluate":
         features = width if _spec(config, rm)["features"] == "sae" else h
         sequences = 2 * table_pairs(config, table or "val")

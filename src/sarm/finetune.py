@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
+from sae_lens.saes.topk_sae import TopK
 from torch import nn
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
@@ -58,31 +59,39 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, tokenizer, pairs: pd.DataFrame, max_length: int):
         self.items = [
             (
-                activations.encode(tokenizer, row.prompt, row.chosen, max_length).input_ids,
-                activations.encode(tokenizer, row.prompt, row.rejected, max_length).input_ids,
+                activations.encode(tokenizer, row.prompt, row.chosen, max_length),
+                activations.encode(tokenizer, row.prompt, row.rejected, max_length),
             )
             for row in pairs.itertuples(index=False)
         ]
-        self.n_tokens = int(sum(len(c) + len(r) for c, r in self.items))
+        self.n_tokens = int(sum(len(c.input_ids) + len(r.input_ids) for c, r in self.items))
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        return {"chosen": self.items[i][0], "rejected": self.items[i][1], "index": i}
+        chosen, rejected = self.items[i]
+        return {"chosen": chosen.input_ids, "rejected": rejected.input_ids, "index": i,
+                "chosen_start": chosen.response_start, "rejected_start": rejected.response_start}
 
 
 class PairCollator:
     """Right-pads a batch of pairs into one [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected; `pair_index`
-    (the pairs' rows in their table) says which rows a process trained on."""
+    (the pairs' rows in their table) says which rows a process trained on; `response_mask` marks each row's
+    last assistant turn, from its first content token to the end-of-turn token (the joint mode's reconstruction)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict]) -> dict:
         sequences = [item["chosen"] for item in items] + [item["rejected"] for item in items]
+        starts = [item["chosen_start"] for item in items] + [item["rejected_start"] for item in items]
         ids, mask = activations.pad_right(sequences, self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "pair_index": torch.tensor([item["index"] for item in items])}
+        response = mask.clone()
+        for row, start in enumerate(starts):
+            response[row, :start] = 0
+        return {"input_ids": ids, "attention_mask": mask, "response_mask": response,
+                "pair_index": torch.tensor([item["index"] for item in items])}
 
 
 def _final_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -109,7 +118,7 @@ class SarmForReward(nn.Module):
     def activation_checkpointing_enable(self, **kwargs):
         self.backbone.activation_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, response_mask=None):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         x = activations.standardize(_final_states(hidden, attention_mask))
         if self.sae is None:
@@ -118,9 +127,26 @@ class SarmForReward(nn.Module):
             dtype = _stored_dtype(self.sae.W_enc)
             with _computing_in(dtype, x.device):  # sae-lens casts its input to its config's dtype (fp32)
                 features = self.sae.encode(x.to(dtype)).float()
-                recon = _normalised_mse(self.sae.decode(features.to(dtype)).float(), x) if self.recon_weight else None
+                recon = self._reconstruction(hidden, response_mask, dtype) if self.recon_weight else None
         rewards = self.head(features.to(_stored_dtype(self.head.weight))).squeeze(-1).float()
         return _bt_outputs(rewards, recon, self.recon_weight)
+
+    def _reconstruction(self, hidden: torch.Tensor, response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The public recipe's reconstruction loss (its `sarm_train_mode=3`): the SAE, TopK on, reconstructs the
+        detached standardised states of every token of each sequence's last assistant turn; the per-token
+        normalised MSE ||x_hat - x||^2 / ||x||^2 is averaged over a sequence's tokens, then over the sequences.
+        Only the SAE learns from it (the states are detached)."""
+        if response_mask is None:
+            raise SarmError("the joint mode's reconstruction loss needs the batch's response_mask (PairCollator)")
+        rows, cols = response_mask.nonzero(as_tuple=True)
+        x = activations.standardize(hidden[rows, cols].detach())
+        latents = self.sae.encode(x.to(dtype))
+        if not isinstance(self.sae.activation_fn, TopK):  # TopK off for the head: still on for the reconstruction
+            latents = TopK(self.sae.cfg.k)(latents)
+        x_hat = self.sae.decode(latents).float()
+        per_token = ((x_hat - x) ** 2).mean(-1) / (x**2).mean(-1).clamp_min(1e-6)
+        per_sequence = torch.zeros(len(hidden), device=x.device).index_add_(0, rows, per_token)
+        return (per_sequence / response_mask.sum(-1).clamp_min(1)).mean()
 
 
 class ClassifierForReward(nn.Module):
@@ -133,7 +159,7 @@ class ClassifierForReward(nn.Module):
     def activation_checkpointing_enable(self, **kwargs):
         self.classifier.activation_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, response_mask=None):
         return _bt_outputs(classifier_rewards(self.classifier, input_ids, attention_mask), None, 0.0)
 
 
@@ -155,12 +181,6 @@ def _computing_in(dtype: torch.dtype, device: torch.device):
     """Matrix products in `dtype` when the weights are held in a lower precision than fp32 (ZeRO-3 with bf16);
     otherwise no change, so an enclosing autocast (bf16 over fp32 weights) stays in force."""
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
-def _normalised_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||x_hat - x||^2 / ||x||^2 over the batch: the final-token states of one batch are too alike (one chat
-    template token) for the batch variance to be a stable denominator."""
-    return ((x_hat - x) ** 2).sum() / (x**2).sum().clamp_min(1e-6)
 
 
 def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float) -> dict:
@@ -447,19 +467,62 @@ def _backbone_config(model):
 RANKS_FILE = "ranks.json"
 
 
+PAD_TOKEN = "<|sarm_pad|>"  # added to a saved classifier's tokenizer when it has no special token to spare
+
+
+def _template_ids(tokenizer) -> set[int]:
+    """Ids of a few short conversations as `activations.encode` tokenises them: the chat template's own tokens
+    (its end-of-turn token among them; typed markup in a content never becomes a special token)."""
+    ids = set()
+    user, system, assistant = ({"role": role, "content": "x"} for role in ("user", "system", "assistant"))
+    for prompt in ([user], [system, user], [user, assistant, user]):
+        try:
+            ids.update(activations.encode(tokenizer, prompt, "x", 1 << 20).input_ids.tolist())
+        except Exception:  # a template that refuses this shape of conversation (a system message, say)
+            continue
+    return ids
+
+
+def _export_pad(classifier, tokenizer):
+    """A copy of `tokenizer` whose pad token no chat-templated conversation holds, and `classifier`'s config set to
+    its id, so that outside loaders score the end-of-turn token. HF's *ForSequenceClassification pools the last
+    token whose id is not `pad_token_id` (transformers 5; older versions: the token before the first pad), and a
+    pad that is the end-of-turn token (SmolLM2's pad is `<|im_end|>`) would make it read the token before. Takes
+    the pad, unk or another special token the template never emits, else adds `PAD_TOKEN`."""
+    tokenizer = copy.deepcopy(tokenizer)
+    taken = _template_ids(tokenizer) | {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    rows = classifier.get_input_embeddings().num_embeddings
+    specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
+    for token in (tokenizer.pad_token, tokenizer.unk_token, *specials):
+        token_id = None if token is None else tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id < rows and token_id not in taken:
+            tokenizer.pad_token = token
+            break
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if tokenizer.pad_token_id >= rows:
+            classifier.resize_token_embeddings(len(tokenizer))
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    classifier.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
 def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict,
           ranks: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     training = {"mode": spec["mode"], **settings, "seed": seed, **results}
     if isinstance(model, ClassifierForReward):
+        saved_tokenizer = _export_pad(model.classifier, tokenizer)
         model.classifier.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        saved_tokenizer.save_pretrained(tmp)
         config = {
             "format": "hf-sequence-classifier",
             "version": 1,
             "base_model": base_model_config(model_spec, model_dir, "."),
-            "read_at": "final token of the chat-templated prompt + response (not HF's pad-id lookup)",
+            "read_at": (f"final token of the chat-templated prompt + response, trailing whitespace dropped; the pad "
+                        f"token {saved_tokenizer.pad_token} (id {saved_tokenizer.pad_token_id}) is in no conversation, "
+                        "so HF's pad-id lookup finds the same token"),
             "training": training,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))

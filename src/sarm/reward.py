@@ -241,9 +241,21 @@ class RewardModel:
         if not self.backbone_path.exists():
             raise SarmError(f"{where}: its base model {self.backbone_path} does not exist (was the folder moved to another "
                             f"machine?); set base_model.path in its {CONFIG_FILE} to the base model folder there")
-        self._tokenizer, self._backbone, self.device, _ = models.load_backbone(base, self.backbone_path, device)
+        self._tokenizer, self._backbone, self.device, self._backbone_meta = models.load_backbone(base, self.backbone_path, device)
         if self.sae is not None:
             self.sae.to(self.device)
+
+    def backbone(self, device: str | None = None) -> tuple:
+        """(tokenizer, truncated model, device, meta) this model reads its states with, loaded as `score` loads them:
+        for a fine-tuned model its own layers 1..L (`backbone/` in its folder). `sarm.activations.cache_sequences`
+        takes them, so that a cache made with them scores as `score` does (a tuned SARM's attributions, cards,
+        preference shift and best-of-N read such caches)."""
+        if self._backbone is None:
+            self.load_backbone(device or self.device)
+        meta = {**self._backbone_meta, "backbone": str(self.backbone_path.resolve())}
+        if self.config.get("sae_input"):  # raw states for a pretrained SAE that normalises them itself
+            meta["sae_input"] = self.config["sae_input"]
+        return self._tokenizer, self._backbone, self.device, meta
 
     @torch.no_grad()
     def hidden(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
@@ -296,10 +308,16 @@ class RewardModel:
         out = torch.empty(len(encoded), self.config["hidden_size"])
         for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
             final, _ = activations.forward_batch(
-                self._backbone, [encoded[i] for i in batch], self._tokenizer.pad_token_id, self.device, False
+                self._backbone, [encoded[i] for i in batch], self._tokenizer.pad_token_id, self.device, False,
+                self.standardized,
             )
             out[batch] = final
         return out
+
+    @property
+    def standardized(self) -> bool:
+        """Whether the head reads per-token standardised states (False: raw, for a public SAE that normalises itself)."""
+        return self.config.get("standardize", {}).get("per_token", True)
 
     def score_texts(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         """Rewards of conversations already rendered with the chat template (see `encode_texts`)."""
@@ -386,12 +404,13 @@ def messages(prompt) -> list[dict]:
 
 
 def set_topk(sae, enabled: bool) -> None:
-    """TopK on (the SAE as trained) or off: every positive pre-activation passes (ReLU), the public recipe's
-    variant. sae-lens applies `activation_fn` inside `encode`, so nothing else changes."""
+    """TopK on (the SAE as trained) or off, as the public recipe (`sarm_use_topk=false`): the head reads every
+    latent's signed pre-activation W_enc (x - b_pre) + b_enc, no ReLU, no sparsity. sae-lens applies
+    `activation_fn` inside `encode`, so nothing else changes."""
     k = getattr(sae.cfg, "k", None)
     if k is None:
         return  # not a TopK SAE (e.g. a pretrained ReLU SAE): nothing to switch
-    sae.activation_fn = TopK(k) if enabled else torch.nn.ReLU()
+    sae.activation_fn = TopK(k) if enabled else torch.nn.Identity()
 
 
 def base_model_config(model_spec: dict, model_dir, path: str | None = None) -> dict:
@@ -410,10 +429,12 @@ def base_model_config(model_spec: dict, model_dir, path: str | None = None) -> d
     }
 
 
-def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, training: dict, base_path: str | None = None) -> dict:
+def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, training: dict, base_path: str | None = None,
+                 sae_input: dict | None = None) -> dict:
     """The `reward_model.json` of a SARM or dense-head model: all it takes to rebuild and score it.
-    `base_path`: a backbone saved inside the model folder (fine-tuned modes), relative to it."""
-    return {
+    `base_path`: a backbone saved inside the model folder (fine-tuned modes), relative to it. `sae_input`: the
+    cached states' hook and normalisation, when a pretrained SAE chose them (sarm.sae_input; raw states are kept)."""
+    config = {
         "format": "sarm-reward-model",
         "version": 1,
         "features": spec["features"],
@@ -425,6 +446,11 @@ def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, trai
         "read_at": "final token of the chat-templated prompt + response",
         "training": training,
     }
+    if sae_input is not None:
+        config["sae_input"] = sae_input
+        if not sae_input["standardize"]:
+            config["standardize"] = {"per_token": False}
+    return config
 
 
 def fit_reward_model(
@@ -435,7 +461,8 @@ def fit_reward_model(
     `spec` is the config's reward-model entry (features, sae, topk). With `checkpoint_root`, a run cut short
     resumes from its last epoch."""
     training = {"mode": "frozen", "cached": True, **settings, "seed": seed}
-    config = model_config(spec, {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])}, model_dir, train.hidden_size, training)
+    config = model_config(spec, {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])}, model_dir, train.hidden_size, training,
+                          sae_input=train.meta.get("sae_input"))
     features = spec["features"]
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:

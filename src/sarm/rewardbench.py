@@ -223,8 +223,10 @@ def length_baseline(pairs: pd.DataFrame) -> pd.DataFrame:
 def completion_table(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per scored completion: subset, group, correct, index, score.
 
-    A completion scored in several pairs (the chosen one of a best-of-4 prompt is in all three) gets the
-    mean of its scores, which are equal for a deterministic model.
+    A completion scored in several pairs (the chosen one of a best-of-4 prompt is in all three) keeps the score
+    of its first pair, as the official code scores each completion once: an average of equal float64 scores
+    can differ from them in the last bit (3 x 0.1 / 3 = 0.10000000000000002) and so break an exact tie that
+    the official code counts.
     """
     _require(scores, [*SCORE_COLUMNS, *GROUP_COLUMNS], "score table")
     sides = []
@@ -245,7 +247,7 @@ def completion_table(scores: pd.DataFrame) -> pd.DataFrame:
     if (subsets_per_group > 1).any():
         raise SarmError(f"group {subsets_per_group[subsets_per_group > 1].index[0]!r} appears in several subsets")
     keys = ["subset", "group", "correct", "index"]
-    return table.groupby(keys, sort=False)["score"].mean().reset_index()
+    return table.drop_duplicates(keys, keep="first").reset_index(drop=True)
 
 
 def best_of_n(correct_scores, incorrect_scores) -> float:
@@ -265,6 +267,70 @@ def _prompt_stats(correct: np.ndarray, incorrect: np.ndarray) -> tuple[bool, flo
     return correct_incorrect_margin > 0, different_correct_margin, correct_incorrect_margin
 
 
+TIES_PARTS = ["ref_accurate", "tied_accurate", "preferred", "preferred_hard", "margin_score"]
+
+
+def ties_prompts(completions: pd.DataFrame) -> pd.DataFrame:
+    """One row per Ties prompt number (`prompt`) with its parts of the official Ties score (`ties_score`):
+    `ref_accurate` / `tied_accurate` (1.0 or 0.0; NaN where the prompt lacks that group) and, where it has
+    both groups, `preferred` (margin_tied > spread), `preferred_hard` (min(margin_ref, margin_tied) > spread)
+    and `margin_score` (tanh(min(margin_ref, margin_tied) / spread - 1), NaN as 0); else NaN."""
+    stats = {"ref": {}, "tied": {}}
+    for group, rows in completions.groupby("group", sort=False):
+        kind, _, number = str(group).partition(":")
+        if kind not in stats or not number.strip().lstrip("-").isdigit():
+            raise SarmError(f"Ties group {group!r}: expected an id 'ref:<n>' or 'tied:<n>'")
+        correct = rows.loc[rows["correct"], "score"].to_numpy(dtype=float)
+        incorrect = rows.loc[~rows["correct"], "score"].to_numpy(dtype=float)
+        if len(correct) == 0 or len(incorrect) == 0:
+            raise SarmError(f"Ties group {group!r} needs at least one correct and one incorrect completion")
+        stats[kind][int(number)] = _prompt_stats(correct, incorrect)
+    numbers = sorted(set(stats["ref"]) | set(stats["tied"]))
+    table = pd.DataFrame({"prompt": numbers}, dtype=object).assign(**{part: math.nan for part in TIES_PARTS})
+    for kind in ("ref", "tied"):
+        table[f"{kind}_accurate"] = [float(stats[kind][p][0]) if p in stats[kind] else math.nan for p in numbers]
+    shared = [p for p in numbers if p in stats["ref"] and p in stats["tied"]]
+    for prompt in shared:
+        if stats["tied"][prompt][1] is None:
+            raise SarmError(f"Ties group 'tied:{prompt}' has a single correct completion (the official code fails)")
+    if shared:
+        spread = np.array([stats["tied"][p][1] for p in shared])
+        margin_tied = np.array([stats["tied"][p][2] for p in shared])
+        margin_ref = np.array([stats["ref"][p][2] for p in shared])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            margin_scores = np.nan_to_num(np.tanh(np.minimum(margin_ref, margin_tied) / spread - 1), nan=0.0)
+        at = [numbers.index(p) for p in shared]
+        table.loc[at, "preferred"] = (margin_tied > spread).astype(float)
+        table.loc[at, "preferred_hard"] = (np.minimum(margin_ref, margin_tied) > spread).astype(float)
+        table.loc[at, "margin_score"] = margin_scores
+    return table
+
+
+def ties_from_prompts(prompts: pd.DataFrame, weights=None) -> dict:
+    """The official Ties score and its parts from `ties_prompts`, each prompt counted `weights` times (default
+    once; a bootstrap resample gives counts). A part is the (weighted) mean over the prompts that have it;
+    with none, the accuracies are 0 and the shared parts NaN, as in the official code."""
+    w = np.ones(len(prompts)) if weights is None else np.asarray(weights, dtype=float)
+
+    def mean(part: str, empty: float) -> float:
+        values = prompts[part].to_numpy(dtype=float)
+        present = ~np.isnan(values) & (w > 0)
+        return float(np.sum(w[present] * values[present]) / np.sum(w[present])) if present.any() else empty
+
+    parts = {"ref_accuracy": mean("ref_accurate", 0.0), "tied_accuracy": mean("tied_accurate", 0.0),
+             "correctness_preferred": mean("preferred", math.nan),
+             "correctness_preferred_hard": mean("preferred_hard", math.nan),
+             "correctness_margin_score": mean("margin_score", math.nan)}
+    parts["score"] = (
+        0.30 * parts["tied_accuracy"]
+        + 0.30 * parts["ref_accuracy"]
+        + 0.20 * parts["correctness_preferred"]
+        + 0.20 * parts["correctness_preferred_hard"]
+        + 0.01 * parts["correctness_margin_score"]
+    )
+    return parts
+
+
 def ties_score(completions: pd.DataFrame) -> dict:
     """The official Ties score and its parts, from the completions of the Ties subset.
 
@@ -278,45 +344,59 @@ def ties_score(completions: pd.DataFrame) -> dict:
     - worst correct of the tied group. score = 0.30 tied_accuracy + 0.30 ref_accuracy
     + 0.20 correctness_preferred + 0.20 correctness_preferred_hard + 0.01 correctness_margin_score.
     """
-    stats = {"ref": {}, "tied": {}}
-    for group, rows in completions.groupby("group", sort=False):
-        kind, _, number = str(group).partition(":")
-        if kind not in stats or not number.strip().lstrip("-").isdigit():
-            raise SarmError(f"Ties group {group!r}: expected an id 'ref:<n>' or 'tied:<n>'")
-        correct = rows.loc[rows["correct"], "score"].to_numpy(dtype=float)
-        incorrect = rows.loc[~rows["correct"], "score"].to_numpy(dtype=float)
-        if len(correct) == 0 or len(incorrect) == 0:
-            raise SarmError(f"Ties group {group!r} needs at least one correct and one incorrect completion")
-        stats[kind][int(number)] = _prompt_stats(correct, incorrect)
+    prompts = ties_prompts(completions)
+    parts = ties_from_prompts(prompts)
+    shared = int(prompts["preferred"].notna().sum())
+    ordered = ["ref_accuracy", "tied_accuracy"]
+    return {**{k: parts[k] for k in ordered}, "shared_prompts": shared,
+            **{k: v for k, v in parts.items() if k not in ordered}}
 
-    def accuracy(kind):
-        return float(np.mean([s[0] for s in stats[kind].values()])) if stats[kind] else 0.0
 
-    shared = sorted(set(stats["ref"]) & set(stats["tied"]))
-    for prompt in shared:
-        if stats["tied"][prompt][1] is None:
-            raise SarmError(f"Ties group 'tied:{prompt}' has a single correct completion (the official code fails)")
-    parts = {"ref_accuracy": accuracy("ref"), "tied_accuracy": accuracy("tied"), "shared_prompts": len(shared)}
-    if shared:
-        spread = np.array([stats["tied"][p][1] for p in shared])
-        margin_tied = np.array([stats["tied"][p][2] for p in shared])
-        margin_ref = np.array([stats["ref"][p][2] for p in shared])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            margin_scores = np.nan_to_num(np.tanh(np.minimum(margin_ref, margin_tied) / spread - 1), nan=0.0)
-        parts["correctness_preferred"] = float(np.mean(margin_tied > spread))
-        parts["correctness_preferred_hard"] = float(np.mean(np.minimum(margin_ref, margin_tied) > spread))
-        parts["correctness_margin_score"] = float(np.mean(margin_scores))
-    else:  # the official np.mean of an empty array: NaN
-        parts.update(correctness_preferred=math.nan, correctness_preferred_hard=math.nan,
-                     correctness_margin_score=math.nan)
-    parts["score"] = (
-        0.30 * parts["tied_accuracy"]
-        + 0.30 * parts["ref_accuracy"]
-        + 0.20 * parts["correctness_preferred"]
-        + 0.20 * parts["correctness_preferred_hard"]
-        + 0.01 * parts["correctness_margin_score"]
-    )
-    return parts
+PROMPT_COLUMNS = ["subset", "prompt", "result", *TIES_PARTS]
+
+
+def rewardbench2_prompts(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per RewardBench 2 prompt (`PROMPT_COLUMNS`): in a best-of-4 subset its `best_of_n` result
+    (`prompt` = its group), in Ties its parts of the Ties score (`prompt` = the number its ref and tied groups
+    share; `ties_prompts`). The official subset scores are (weighted) means over these rows:
+    `rewardbench2_subset_scores`."""
+    completions = completion_table(scores)
+    unknown = sorted(set(completions["subset"]) - set(V2_SUBSETS))
+    if unknown:
+        raise SarmError(f"subset {unknown[0]!r} is not a RewardBench 2 subset ({', '.join(V2_SUBSETS)})")
+    frames = []
+    for subset in [s for s in V2_SUBSETS if s in set(completions["subset"])]:
+        rows = completions[completions["subset"] == subset]
+        if subset == "Ties":
+            ties = ties_prompts(rows)
+            frames.append(ties.assign(subset=subset, result=math.nan, prompt=ties["prompt"].astype(str)))
+            continue
+        per_prompt = []
+        for group, members in rows.groupby("group", sort=False):
+            ordered = members.sort_values("index")
+            per_prompt.append({"subset": subset, "prompt": group,
+                               "result": best_of_n(ordered.loc[ordered["correct"], "score"],
+                                                   ordered.loc[~ordered["correct"], "score"])})
+        frames.append(pd.DataFrame(per_prompt).assign(**{part: math.nan for part in TIES_PARTS}))
+    return pd.concat(frames, ignore_index=True)[PROMPT_COLUMNS]
+
+
+def rewardbench2_subset_scores(prompts: pd.DataFrame, weights=None) -> dict[str, float]:
+    """{subset: official score} and ``score`` (their mean) from `rewardbench2_prompts`, each prompt counted
+    `weights` times (default once): a best-of-4 subset's score is the mean of its prompts' results, Ties's is
+    `ties_from_prompts`."""
+    w = np.ones(len(prompts)) if weights is None else np.asarray(weights, dtype=float)
+    subsets = prompts["subset"].to_numpy()
+    result = {}
+    for subset in [s for s in V2_SUBSETS if s in set(subsets)]:
+        here = subsets == subset
+        if subset == "Ties":
+            result[subset] = ties_from_prompts(prompts[here], w[here])["score"]
+        else:
+            values = prompts["result"].to_numpy(dtype=float)[here]
+            result[subset] = float(np.sum(w[here] * values) / np.sum(w[here]))
+    result["score"] = float(np.mean(list(result.values())))
+    return result
 
 
 def rewardbench2_scores(scores: pd.DataFrame) -> dict:
@@ -324,24 +404,9 @@ def rewardbench2_scores(scores: pd.DataFrame) -> dict:
     ``n_prompts`` per subset and the parts of the Ties score. Non-Ties subsets: the mean of `best_of_n`
     over their prompts (scripts/run_v2.py); Ties: `ties_score`."""
     completions = completion_table(scores)
-    unknown = sorted(set(completions["subset"]) - set(V2_SUBSETS))
-    if unknown:
-        raise SarmError(f"subset {unknown[0]!r} is not a RewardBench 2 subset ({', '.join(V2_SUBSETS)})")
-    result, n_prompts, ties = {}, {}, None
-    for subset in [s for s in V2_SUBSETS if s in set(completions["subset"])]:
-        rows = completions[completions["subset"] == subset]
-        n_prompts[subset] = int(rows["group"].nunique())
-        if subset == "Ties":
-            ties = ties_score(rows)
-            result[subset] = ties["score"]
-            continue
-        per_prompt = []
-        for _, group in rows.groupby("group", sort=False):
-            ordered = group.sort_values("index")
-            per_prompt.append(best_of_n(ordered.loc[ordered["correct"], "score"],
-                                        ordered.loc[~ordered["correct"], "score"]))
-        result[subset] = float(np.mean(per_prompt))
-    result["score"] = float(np.mean(list(result.values())))
+    result = rewardbench2_subset_scores(rewardbench2_prompts(scores))
+    n_prompts = {s: int(completions.loc[completions["subset"] == s, "group"].nunique()) for s in result if s != "score"}
+    ties = ties_score(completions[completions["subset"] == "Ties"]) if "Ties" in n_prompts else None
     return {"scores": result, "n_prompts": n_prompts, "ties": ties}
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Union
 
 import torch
 from sae_lens import SAE
@@ -16,6 +17,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from sarm import checkpoints
 from sarm.errors import SarmError
+from sarm.sae_input import check_cache
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +36,50 @@ def check_shape(d_sae: int, k: int) -> None:
         raise SarmError(f"config key sae.k = {k} must be between 1 and the SAE width - 1 (width = {d_sae})")
 
 
-def shuffled_batches(shards: Callable[[], Iterable[torch.Tensor]], batch_size: int, buffer_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches from a re-iterable source of activation shards, holding at most
-    `buffer_size` (+ one shard) vectors in memory: the data provider sae-lens' trainer pulls from."""
+Chunk = Union[torch.Tensor, Callable[[], torch.Tensor]]  # [n, d_in] vectors, or a loader of them
+
+
+def cache_chunks(cache, field: str = "sent", what: str = "vectors") -> list[Callable[[], torch.Tensor]]:
+    """One loader per shard of an ActivationCache: its sentence-final (`field="sent"`) or final-token
+    (`"final"`) vectors in float32, or (`what="sequences"`) the number of the sequence each vector comes from,
+    as a [n, 1] column in the same order (to measure the stream)."""
+    ids = {"sent": "sent_seq", "final": "seq"}[field]
+
+    def loader(shard):
+        def load() -> torch.Tensor:
+            tensors = cache.load_shard(shard)
+            if field not in tensors:  # a shard without sentence ends
+                return torch.zeros(0, 1 if what == "sequences" else cache.hidden_size)
+            return tensors[ids][:, None].float() if what == "sequences" else tensors[field].float()
+        return load
+
+    return [loader(shard) for shard in cache.shards]
+
+
+def _load(chunk: Chunk) -> torch.Tensor:
+    return chunk() if callable(chunk) else chunk
+
+
+def shuffled_batches(chunks: Sequence[Chunk], batch_size: int, buffer_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches that approximate an i.i.d. stream over the corpus, holding at most `buffer_size` (+ one
+    chunk) vectors in memory: the data provider sae-lens' trainer pulls from. Each epoch reads the chunks (a
+    cache's shards, length-sorted as they were cached, and the final-token shards) in a new random order into a
+    pool, which is shuffled and drained into batches whenever it holds `buffer_size` vectors; the remainder of
+    a pool opens the next one."""
     generator = torch.Generator().manual_seed(seed)
-    buffer: list[torch.Tensor] = []
+    pool: list[torch.Tensor] = []
     while True:
         n_seen = 0
-        for shard in shards():
-            buffer.append(shard)
-            n_seen += len(shard)
-            if sum(len(b) for b in buffer) >= buffer_size:
-                yield from _drain(buffer, batch_size, generator)
+        for i in torch.randperm(len(chunks), generator=generator).tolist():
+            vectors = _load(chunks[i])
+            pool.append(vectors)
+            n_seen += len(vectors)
+            if sum(len(p) for p in pool) >= buffer_size:
+                yield from _drain(pool, batch_size, generator)
         if n_seen == 0:
             raise SarmError("the SAE corpus is empty: no sentence-final activations were cached")
-        if buffer:
-            yield from _drain(buffer, batch_size, generator)
+        if pool:
+            yield from _drain(pool, batch_size, generator)
 
 
 def _drain(buffer: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -64,7 +94,7 @@ def _drain(buffer: list[torch.Tensor], batch_size: int, generator: torch.Generat
 
 
 def train_sae(
-    shards,
+    chunks: Sequence[Chunk],
     d_in: int,
     d_sae: int,
     k: int,
@@ -79,8 +109,8 @@ def train_sae(
     checkpoint_root: str | Path | None = None,
     n_checkpoints: int = 0,
 ) -> TopKTrainingSAE:
-    """Train a TopK SAE (Gao et al. 2024) with sae-lens' SAETrainer; `shards` is a callable returning an
-    iterable of [n, d_in] float tensors (one epoch of the corpus).
+    """Train a TopK SAE (Gao et al. 2024) with sae-lens' SAETrainer on a corpus given as chunks ([n, d_in]
+    float tensors or loaders of them, e.g. `cache_chunks`), streamed in a new random order each epoch.
 
     With `checkpoint_root`, `n_checkpoints` evenly spaced checkpoints are kept there, and a run that finds
     one resumes from it: weights, optimiser, dead-latent counters and the data stream's position, so it
@@ -94,7 +124,7 @@ def train_sae(
         sae = TopKTrainingSAE(cfg)
         # b_pre starts at the corpus mean: standardised states share a large common direction (70 % of the
         # squared norm for SmolLM2 at L=15), and a zero start spends the first steps learning it.
-        sae.b_dec.data = corpus_mean(shards, buffer_size).to(sae.b_dec)
+        sae.b_dec.data = corpus_mean(chunks, buffer_size, seed).to(sae.b_dec)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_samples,
         train_batch_size_samples=batch_size,
@@ -122,7 +152,7 @@ def train_sae(
         steps_done = trainer.n_training_steps = trainer.n_training_steps + 1
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
         log.info("resuming SAE training from %s (%d samples, %d steps done)", resume_from, trainer.n_training_samples, steps_done)
-    trainer.data_provider = _stream(shards, batch_size, buffer_size, seed, steps_done)
+    trainer.data_provider = _stream(chunks, batch_size, buffer_size, seed, steps_done)
     return trainer.fit()
 
 
@@ -135,6 +165,10 @@ def topk_config(d_in: int, d_sae: int, k: int, device: str = "cpu", metadata: di
         device=device,
         apply_b_dec_to_input=True,  # x - b_pre before encoding, as in the paper
         normalize_activations="none",  # inputs are standardised per token already
+        # The paper keeps decoder columns at unit norm. sae-lens (>= 6.14) trains with the latents scaled by the
+        # decoder norms and folds the norms into the encoder when it saves: the saved decoder rows have norm 1
+        # and the saved SAE computes what the trained one did.
+        rescale_acts_by_decoder_norm=True,
     )
     for key, value in (metadata or {}).items():
         setattr(cfg.metadata, key, value)
@@ -147,19 +181,22 @@ def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0, metadata: dict | No
     return TopKTrainingSAE(topk_config(d_in, d_sae, k, "cpu", metadata))
 
 
-def _stream(shards, batch_size: int, buffer_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
+def _stream(chunks, batch_size: int, buffer_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
     """The seeded batch stream from batch `skip` on, with the fault-injection point at every batch."""
-    for step, batch in enumerate(shuffled_batches(shards, batch_size, buffer_size, seed)):
+    for step, batch in enumerate(shuffled_batches(chunks, batch_size, buffer_size, seed)):
         if step >= skip:
             checkpoints.fault_point("sae", step)
             yield batch
 
 
-def corpus_mean(shards, max_vectors: int) -> torch.Tensor:
+def corpus_mean(chunks: Sequence[Chunk], max_vectors: int, seed: int = 0) -> torch.Tensor:
+    """The mean of the whole corpus, or of a random sample of its chunks holding about `max_vectors` vectors."""
+    generator = torch.Generator().manual_seed(seed + 1)  # not the stream's own order
     total, count = None, 0
-    for shard in shards():
-        total = shard.sum(0) if total is None else total + shard.sum(0)
-        count += len(shard)
+    for i in torch.randperm(len(chunks), generator=generator).tolist():
+        vectors = _load(chunks[i])
+        total = vectors.sum(0) if total is None else total + vectors.sum(0)
+        count += len(vectors)
         if count >= max_vectors:
             break
     if not count:
@@ -248,17 +285,14 @@ def prepare_sae(
         sae, source = random_sae(d_in, width, k, seed, metadata), {"random_init": {"seed": seed}}
     elif settings["pretrained"] and kind == "sequence":
         sae = load_pretrained(settings["pretrained"], device)
-        if sae.cfg.d_in != d_in:
-            raise SarmError(f"config key sae.pretrained: the SAE reads {sae.cfg.d_in}-dim inputs, the model layer has {d_in}")
-        source = {"pretrained": settings["pretrained"]}
+        # its hook, width and normalisation against what the cache holds
+        source = {"pretrained": settings["pretrained"], "input": check_cache(sae, train)}
     else:
         width = settings["width"] or default_width(d_in)
         k = settings["k"] or default_k(d_in)
-        extra = [(pairs or train).final()] if settings["include_final_token"] else []  # where the head reads
-
-        def corpus():
-            yield from train.sentence_shards()
-            yield from extra
+        corpus = cache_chunks(train, "sent")
+        if settings["include_final_token"]:  # where the head reads, mixed into every pool of the stream
+            corpus += cache_chunks(pairs or train, "final")
 
         if checkpoint_root is not None:
             shaping = {key: value for key, value in settings.items() if key != "n_checkpoints"}

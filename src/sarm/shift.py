@@ -60,6 +60,8 @@ def edit_head(model: RewardModel, features: list[int], factor: float, note: dict
     config["edit"] = {"kind": "preference shift", "features": features, "factor": factor, **(note or {})}
     edited = RewardModel(config, weight, model.sae)
     edited.device = model.device
+    if hasattr(model, "folder"):  # a tuned model's backbone (a path inside its folder) stays reachable when saved
+        edited.folder = model.folder
     return edited
 
 

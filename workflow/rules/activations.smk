@@ -1,4 +1,5 @@
-# Hidden states of layers 1..L: final-token reward features and the sentence-final SAE corpus.
+# Hidden states of layers 1..L: final-token reward features and the sentence-final SAE corpus (of the base model;
+# a tuned reward model's own layers 1..L: cache_tuned_activations).
 
 
 rule cache_activations:
@@ -22,6 +23,32 @@ rule cache_activations:
         "logs/benchmarks/cache_activations/{table}.tsv"
     script:
         "../scripts/cache_activations.py"
+
+
+rule cache_tuned_activations:
+    """States of a table through a tuned reward model's own layers 1..L (loaded as its scoring loads them), for the
+    interpretability rules of a tuned SARM: what they read scores as the model scores the text."""
+    input:
+        model=f"{RESULTS}/reward/{{rm}}",
+        pairs=f"{RESOURCES}/tables/{{table}}.parquet",
+    output:
+        directory(f"{TUNED_ACT}/{{rm}}/{{table}}"),
+    wildcard_constraints:
+        rm=_alternatives_or_none(TUNED_HEADS),
+    params:
+        device=config["device"],
+        with_sentences=tuned_with_sentences,
+    threads: 8
+    resources:
+        mem_mb=mem_mb_for("cache_activations"),
+        runtime=runtime_for("cache_activations"),
+        gpu=gpus_for("cache_activations"),
+    log:
+        "logs/cache_activations/tuned/{rm}/{table}.log",
+    benchmark:
+        "logs/benchmarks/cache_activations/tuned/{rm}/{table}.tsv"
+    script:
+        "../scripts/cache_tuned.py"
 
 
 rule cache_token_corpus:
@@ -80,6 +107,7 @@ rule cache_sae_corpus:
         model=model_settings(),
         device=config["device"],
         max_length=(config["sae"]["corpus"] or {}).get("max_length") or config["model"]["max_length"],
+        max_tokens=(config["sae"]["corpus"] or {}).get("max_tokens"),
     threads: 8
     resources:
         mem_mb=mem_mb_for("cache_activations"),

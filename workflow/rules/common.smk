@@ -7,6 +7,7 @@ from snakemake.utils import validate
 
 from sarm.config import check, reward_model_specs
 from sarm.errors import SarmError
+from sarm.sae_input import pretrained_input
 
 try:
     check(config, workflow.source_path("../schemas/config.schema.yaml"))  # one line naming the key
@@ -24,6 +25,9 @@ ACT = f"{RESULTS}/activations/{MODEL}-L{LAYER}"
 SAE = f"{MODEL}-L{LAYER}"
 FROZEN = [name for name, spec in REWARD_MODELS.items() if spec["mode"] == "frozen"]  # heads on cached features
 TUNED = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "frozen"]  # trained on token ids
+# tuned models with a feature head (not full_depth classifiers): their states are cached through their own backbone
+TUNED_HEADS = [name for name in TUNED if REWARD_MODELS[name]["mode"] != "full_depth"]
+TUNED_ACT = f"{RESULTS}/activations/tuned"  # <rm>/<table>: the states of a tuned model's own layers 1..L
 BASELINES = ["length"]
 EVAL_TABLES = ["val", *config["eval"]["datasets"]]
 USES_GPU = config["device"] != "cpu"
@@ -59,6 +63,26 @@ def _check_config():
 _check_config()
 
 
+def _sae_input():
+    """What the pretrained SAE of config key sae.pretrained reads: its hook's hidden_states index (which must be
+    model.layer's) and its normalisation (standardised states for this project's SAEs, raw ones for a public SAE,
+    which sae-lens normalises itself). Decided here, before any job runs; None when the workflow trains its SAE."""
+    if not config["sae"]["pretrained"]:
+        return None
+    try:
+        states = pretrained_input(config["sae"]["pretrained"], LAYER)
+    except SarmError as err:
+        raise WorkflowError(str(err)) from None
+    for name, spec in REWARD_MODELS.items():
+        if not states["standardize"] and spec["mode"] != "frozen" and spec["features"] == "sae" and spec["sae"] == "sequence":
+            raise WorkflowError(f"config key reward_models.{name}.mode: {spec['mode']} standardises the hidden states, but "
+                                f"the pretrained SAE (hook {states['hook_name']}) reads raw ones; use mode: frozen")
+    return states
+
+
+SAE_INPUT = _sae_input()
+
+
 def _alternatives(names):
     return "|".join(re.escape(n) for n in names)
 
@@ -83,10 +107,32 @@ def get_final_output():
     ]
 
 
+def activations_of(rm):
+    """The cache folder whose states reward model `rm` reads: the base model's (a frozen backbone) or, for a tuned
+    model, its own (rules cache_tuned_activations, cache_tuned_bon)."""
+    return ACT if REWARD_MODELS[rm]["mode"] == "frozen" else f"{TUNED_ACT}/{rm}"
+
+
+def tuned_with_sentences(wildcards):
+    """A tuned model's caches keep sentence-final states only for train: the feature cards' corpus contexts."""
+    return wildcards.table == "train"
+
+
+# Best-of-N scores every model with a head from cached candidates: frozen ones from one cache of the base model,
+# tuned ones from their own (a full_depth classifier has no cached features).
+BON_MODELS = [name for name in REWARD_MODELS if name in FROZEN or name in TUNED_HEADS]
+BON_CACHE = {name: f"{activations_of(name)}/bon" for name in BON_MODELS}  # the cache each model scores from
+
+
+def bon_caches():
+    """The candidates' caches bon_scores reads, each once."""
+    return list(dict.fromkeys(BON_CACHE.values()))
+
+
 def bon_outputs():
     """Best-of-N tables and curve, when config key bon.path names a best-of-N file."""
-    if not config["bon"]["path"] or not FROZEN:
-        return []  # best-of-N scores candidates from one cache: frozen-backbone models only
+    if not config["bon"]["path"] or not BON_MODELS:
+        return []
     return [
         *expand(f"{RESULTS}/tables/bon_{{name}}.{{ext}}", name=["winrate", "curve"], ext=["md", "csv"]),
         f"{RESULTS}/figures/bon_curve.png",
@@ -154,8 +200,10 @@ def model_identity():
 
 def model_settings():
     """config key model as the rules that read the model take it: without model.batch_size, which changes only
-    throughput (the scripts read it from the config), so that changing it re-runs nothing."""
-    return {key: value for key, value in config["model"].items() if key != "batch_size"}
+    throughput (the scripts read it from the config), so that changing it re-runs nothing; with a pretrained SAE,
+    the input it reads (`sae_input`: its hook and normalisation, which the caches follow and record)."""
+    settings = {key: value for key, value in config["model"].items() if key != "batch_size"}
+    return {**settings, "sae_input": SAE_INPUT} if SAE_INPUT else settings
 
 
 def eval_dataset_file(wildcards):
@@ -231,16 +279,25 @@ def gpus():
 # --- Interpretability (workflow/rules/explain.smk): the cards and the preference shift of `sarm` ---
 EXPLAIN = f"{RESULTS}/explain/sarm"
 SHIFT = f"{RESULTS}/shift/sarm"
+SARM = REWARD_MODELS.get("sarm")
+SARM_TUNED = bool(SARM) and SARM["mode"] != "frozen"
+# The caches `sarm` is read from: the base model's, or (tuned) those of its own fine-tuned layers 1..L.
+SARM_ACT = activations_of("sarm") if SARM else ACT
 # The evaluation table the cards' firing rates and the shift's target come from (default: the first eval set).
 EXPLAIN_TABLE = config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
 SHIFT_TABLE = config["shift"]["table"] or EXPLAIN_TABLE
 SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or config["shift"]["features"])
 
 
+def cards_backbone():
+    """What the cards' title adds for a tuned SARM (nothing for a frozen one)."""
+    return f" (layers 1..{LAYER} fine-tuned, mode {SARM['mode']})" if SARM_TUNED else ""
+
+
 def explain_outputs():
-    """Cards, attributions and the preference shift of the reward model named `sarm` (a frozen SAE head)."""
-    sarm = REWARD_MODELS.get("sarm")
-    if not sarm or sarm["mode"] != "frozen" or sarm["features"] != "sae":
+    """Cards, attributions and the preference shift of the reward model named `sarm` (an SAE head, frozen or tuned:
+    a tuned one is read through its own backbone)."""
+    if not SARM or SARM["features"] != "sae" or SARM["mode"] == "full_depth":
         return []
     outputs = [
         *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
@@ -298,6 +355,8 @@ MODEL_SHAPE = _cluster.model_shape(config, [MODEL_DIR])  # config.json once fetc
 
 def _estimate(rule, wildcards, attempt):
     table = wildcards.get("table", "bon" if rule == "cache_bon" else None)
+    if "positions" in wildcards.keys():  # cache_sae_corpus: the plain-text corpus, sized by its token budget
+        table = "corpus"
     # the rule's own threads, as a cluster job gets them (--cores caps them locally and in dry runs)
     threads = workflow.get_rule(rule).resources["_cores"]
     threads = getattr(threads, "value", threads)  # a Snakemake Resource wrapping the int

@@ -1,15 +1,18 @@
 # Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels) and
-# the preference shift of the SARM head, all from cached activations
-# (its targets and paths: workflow/rules/common.smk).
+# the preference shift of the SARM head, all from cached activations: the base model's for a frozen SARM, those
+# of its own fine-tuned layers 1..L for a tuned one (SARM_ACT; its targets and paths: workflow/rules/common.smk).
 
 
 rule attributions:
     input:
         model=f"{RESULTS}/reward/sarm",
-        activations=f"{ACT}/{{table}}",
+        activations=f"{SARM_ACT}/{{table}}",
         pairs=f"{RESOURCES}/tables/{{table}}.parquet",
     output:
         f"{EXPLAIN}/attributions/{{table}}.parquet",
+    resources:
+        mem_mb=mem_mb_for("attributions"),
+        runtime=runtime_for("attributions"),
     log:
         "logs/explain/attributions/{table}.log",
     script:
@@ -20,9 +23,9 @@ rule feature_stats:
     input:
         model=f"{RESULTS}/reward/sarm",
         base_model=MODEL_DIR,
-        activations=f"{ACT}/{EXPLAIN_TABLE}",
+        activations=f"{SARM_ACT}/{EXPLAIN_TABLE}",
         pairs=f"{RESOURCES}/tables/{EXPLAIN_TABLE}.parquet",
-        corpus=f"{ACT}/train",
+        corpus=f"{SARM_ACT}/train",
         corpus_pairs=f"{RESOURCES}/tables/train.parquet",
     output:
         f"{EXPLAIN}/features.json",
@@ -30,7 +33,8 @@ rule feature_stats:
         explain=config["explain"],
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb_for("feature_stats"),
+        runtime=runtime_for("feature_stats"),
     log:
         "logs/explain/feature_stats.log",
     benchmark:
@@ -69,7 +73,7 @@ rule feature_cards:
     output:
         report(f"{EXPLAIN}/cards.html", caption="../report/feature_cards.rst", category="Interpretability"),
     params:
-        title=f"SARM feature cards: {MODEL} layer {LAYER}, {EXPLAIN_TABLE}",
+        title=f"SARM feature cards: {MODEL} layer {LAYER}{cards_backbone()}, {EXPLAIN_TABLE}",
         n_show=config["explain"]["n_show"],
     log:
         "logs/explain/feature_cards.log",
@@ -80,7 +84,7 @@ rule feature_cards:
 rule preference_shift:
     input:
         model=f"{RESULTS}/reward/sarm",
-        activations=expand(f"{ACT}/{{table}}", table=EVAL_TABLES),
+        activations=expand(f"{SARM_ACT}/{{table}}", table=EVAL_TABLES),
         pairs=expand(f"{RESOURCES}/tables/{{table}}.parquet", table=EVAL_TABLES),
     output:
         model=directory(f"{SHIFT}/model"),
@@ -97,6 +101,9 @@ rule preference_shift:
         tables=EVAL_TABLES,
         target_table=SHIFT_TABLE,
     threads: 2
+    resources:
+        mem_mb=mem_mb_for("preference_shift"),
+        runtime=runtime_for("preference_shift"),
     log:
         "logs/explain/preference_shift.log",
     script:

@@ -15,7 +15,8 @@ def main(snakemake):
         scores[model][table] = pd.read_parquet(path)
     orderings = ordering_table(scores, dict(p.specs))
     title = (
-        "Do the paper's orderings hold here? Score = the accuracy tables' overall (%): the mean of the categories, "
+        "Do the paper's orderings hold here? Score (%) = on RewardBench 2 the official score (best-of-4, Ties; "
+        "prompts resampled within subsets), elsewhere the accuracy tables' overall: the mean of the categories, "
         "RewardBench v1 subset weights where the subsets are official; "
         "95 % paired bootstrap interval of the difference, pairs resampled within categories"
     )

@@ -5,10 +5,14 @@ from sarm.workflow import run_script
 
 
 def main(snakemake):
-    reward_models = {name: RewardModel.from_pretrained(path) for name, path in zip(snakemake.params.models, snakemake.input.models)}
-    cache = ActivationCache(snakemake.input.activations)
-    scores = score_candidates(reward_models, cache, read_candidates(snakemake.input.candidates))
-    scores.to_parquet(snakemake.output[0], index=False)
+    p, i = snakemake.params, snakemake.input
+    candidates = read_candidates(i.candidates)
+    scores = None
+    for folder in dict.fromkeys(p.caches):  # frozen models share the base model's cache; a tuned one has its own
+        reward_models = {name: RewardModel.from_pretrained(path) for name, path, cache in zip(p.models, i.models, p.caches) if cache == folder}
+        part = score_candidates(reward_models, ActivationCache(folder), candidates)
+        scores = part if scores is None else scores.join(part[list(reward_models)])
+    scores[[*scores.columns.drop(p.models), *p.models]].to_parquet(snakemake.output[0], index=False)
 
 
 run_script(snakemake, main)

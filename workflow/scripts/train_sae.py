@@ -14,7 +14,8 @@ def main(snakemake):
     train, val = ActivationCache(snakemake.input.train), ActivationCache(snakemake.input.val)
     pairs = ActivationCache(snakemake.input.pairs)  # the training pairs (the same cache unless sae.corpus is set)
     device = models.resolve_device(p.device)
-    metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}.standardized"}
+    raw = not (train.meta.get("sae_input") or {"standardize": True})["standardize"]  # a public SAE's raw states
+    metadata = {"model_name": p.model, "hook_name": f"hidden_states.{p.layer}" + ("" if raw else ".standardized")}
     name = f"sae-{p.model}-L{p.layer}" + ("" if kind == "sequence" else f"-{kind}")
     with wandb_run(snakemake.config, "sae", name, {**p.sae, "kind": kind}) as run:
         resume_root = f"{snakemake.output.model}.checkpoints"  # kept by Snakemake when the job dies
