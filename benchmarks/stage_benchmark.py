@@ -45,6 +45,7 @@ import torch
 from sarm import activations as A
 from sarm import models
 from sarm.data import read_pairs
+from sarm.provenance import CPU_FLAGS, machine
 
 LLAMA_31_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -107,11 +108,20 @@ def main() -> None:
         f"device {device}, attention {truncated.config._attn_implementation}, {args.threads} threads, "
         f"{len(pairs)} pairs ({2 * len(pairs)} sequences, {forward['tokens']} tokens), batch {args.batch_size}",
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs",
+        describe_machine(),
     ]
     text = "\n".join(header) + "\n\n" + table(rows) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def describe_machine() -> str:
+    """The processor, its instructions that matter here (native bf16, VNNI for int8) and the thread settings."""
+    found = machine()
+    where = found.get("gpu") or found["cpu"]
+    return (f"{where}; CPU flags {', '.join(found['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; torch threads "
+            f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op")
 
 
 def parse_args() -> argparse.Namespace:

@@ -3,8 +3,9 @@
 A helper, not a test module: tests/test_miniature.py runs it on this machine and tests/test_slurm.py through a
 SLURM cluster, each with its own extra Snakemake arguments:
 
-    from miniature import run_miniature, tiny_model_override
-    result = run_miniature(workdir, "--workflow-profile", "profiles/slurm", model=tiny_model_override(tiny_model_dir))
+    from miniature import TINY_OVERLAY, run_miniature, tiny_model_override
+    result = run_miniature(workdir, "--workflow-profile", "profiles/slurm", model=tiny_model_override(tiny_model_dir),
+                           overlay=TINY_OVERLAY)
     assert result.returncode == 0, result.stderr[-4000:]
     check_miniature_outputs(workdir)
 """
@@ -30,6 +31,11 @@ RESULTS = "results/miniature"  # results_dir of config/paper/miniature.yaml, ins
 def tiny_model_override(model_dir: str | Path) -> dict:
     """The `model:` keys that swap SmolLM2 for conftest's tiny random model (4 layers: the middle is layer 2)."""
     return {"name": "tiny", "path": str(model_dir), "hub_id": None, "layer": 2}
+
+
+# The tiny random model's head, after 4 fine-tuning steps, has no positive weight on a feature that fires on the Safety
+# stand-ins, so the preference shift has nothing to edit (its one-line error is right): runs on it leave the shift out.
+TINY_OVERLAY = {"shift": {"categories": []}}
 
 
 def run_miniature(workdir: str | Path, *extra_args: str, model: dict | None = None, overlay: dict | None = None,
@@ -100,4 +106,10 @@ def check_miniature_outputs(workdir: str | Path) -> dict:
     for name in ("table1_rewardbench_v1", "table2_ablations", "table1_local"):
         assert (results / f"tables/{name}.md").stat().st_size > 0
     assert (results / "figures/paper_tables.png").stat().st_size > 10_000
+    # the interpretability section, read through sarm's own fine-tuned layers 1..L
+    for table in ("val", "reward-bench-2", "reward-bench"):
+        attributions = pd.read_parquet(results / f"explain/sarm/attributions/{table}.parquet")
+        assert len(attributions) > 0, table
+        assert (results / f"activations/tuned/sarm/{table}/meta.json").is_file(), table
+    assert "fine-tuned" in (results / "explain/sarm/cards.html").read_text()
     return rb2

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from miniature import MINIATURE_CONFIG, PAPER_CONFIG, check_miniature_outputs, run_miniature, tiny_model_override
+from miniature import MINIATURE_CONFIG, PAPER_CONFIG, TINY_OVERLAY, check_miniature_outputs, run_miniature, tiny_model_override
 
 # The keys config/paper/miniature.yaml may set differently from config/paper/sarm-4b.yaml, and why. Anything else
 # it changes fails the test: what runs here is what runs on the cluster.
@@ -123,7 +123,7 @@ def test_a_miniature_without_a_mirror_stops_with_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def miniature_run(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("miniature")
-    result = run_miniature(workdir, model=tiny_model_override(tiny_model_dir))
+    result = run_miniature(workdir, model=tiny_model_override(tiny_model_dir), overlay=TINY_OVERLAY)
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from miniature import check_miniature_outputs, run_miniature, tiny_model_override
+from miniature import TINY_OVERLAY, check_miniature_outputs, run_miniature, tiny_model_override
 from test_workflow import REPO, snakemake, tiny_config
 
 ACCOUNT, PARTITION = "sarm", "debug"  # what tests/slurm/up.sh creates
@@ -267,7 +267,7 @@ def test_the_paper_config_in_miniature_runs_through_slurm(tiny_model_dir, tmp_pa
     """config/paper/sarm-4b.yaml + miniature.yaml (with the tiny model) submitted through the SLURM profile: the
     fine-tuning jobs run two gloo processes under ZeRO-3 inside their SLURM job, as on a cluster's node."""
     workdir = tmp_path / "miniature"
-    result = run_miniature(workdir, *slurm_args(), model=tiny_model_override(tiny_model_dir), cores=None)
+    result = run_miniature(workdir, *slurm_args(), model=tiny_model_override(tiny_model_dir), overlay=TINY_OVERLAY, cores=None)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     jobs = submitted(out)

@@ -284,3 +284,15 @@ def test_missing_data_file_names_the_file(tiny_model_dir, shared_data, tmp_path)
     result = snakemake(tmp_path, config, "resources/data/hh-helpful.parquet")
     assert result.returncode != 0 and str(tmp_path / "missing.jsonl.gz") in result.stderr
     assert not (tmp_path / "resources/data/hh-helpful.parquet").exists()
+
+
+def test_results_say_which_dtype_and_processor_computed_them(smoke_run):
+    from sarm.provenance import machine
+
+    here = machine()
+    summary = json.loads((smoke_run / "results/eval/sarm/val/summary.json").read_text())
+    assert summary["computed_with"] == {"dtype": "float32", "machine": here}  # the cache's record
+    meta = json.loads((smoke_run / "results/activations/tiny-L2/val/meta.json").read_text())
+    assert meta["machine"] == here and meta["dtype"] == "float32"
+    table = (smoke_run / "results/tables/accuracy_val.md").read_text()
+    assert f"Computed with: hidden states in float32 on {here['cpu']} (" in table

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from sarm.errors import SarmError
+from sarm.provenance import machine
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ def load_backbone(spec: dict, path: str | Path, device: str = "auto"):
     dtype = resolve_dtype(spec["dtype"], device)
     tokenizer = load_tokenizer(path, spec.get("chat_template"), spec.get("trust_remote_code", False))
     model = load_truncated(path, spec["layer"], dtype, device, spec.get("trust_remote_code", False))
-    meta = {"model": spec["name"], "layer": spec["layer"], "dtype": str(dtype).removeprefix("torch."), "device": device}
+    meta = {"model": spec["name"], "layer": spec["layer"], "dtype": str(dtype).removeprefix("torch."), "device": device,
+            "machine": machine()}
     if spec.get("sae_input"):  # a pretrained SAE's hook and normalisation (sarm.sae_input): what the caches hold
         meta["sae_input"] = spec["sae_input"]
     return tokenizer, model, device, meta

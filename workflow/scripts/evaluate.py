@@ -2,7 +2,7 @@ import json
 
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
-from sarm.evaluate import score_cached, score_text
+from sarm.evaluate import computed_with, score_cached, score_text
 from sarm.finetune import load_reward_model
 from sarm.rewardbench import summarize
 from sarm.workflow import run_script
@@ -12,14 +12,16 @@ def main(snakemake):
     pairs = read_pairs(snakemake.input.pairs)
     if "activations" in snakemake.input.keys():  # frozen backbone: the cached states
         model = load_reward_model(snakemake.input.model)
-        scores = score_cached(model, ActivationCache(snakemake.input.activations), pairs)
+        cache = ActivationCache(snakemake.input.activations)
+        scores, where = score_cached(model, cache, pairs), computed_with(model, cache)
     else:  # a tuned backbone: from the text; its own code runs only if the config allows it (model.trust_remote_code)
         trust = snakemake.config["model"]["trust_remote_code"]
         model = load_reward_model(snakemake.input.model, snakemake.params.device, trust)
         scores = score_text(model, pairs, snakemake.params.batch_size)
+        where = computed_with(model, device=snakemake.params.device)
     scores.to_parquet(snakemake.output.scores, index=False)
     with open(snakemake.output.summary, "w") as f:
-        json.dump(summarize(scores, snakemake.wildcards.rm), f, indent=2)
+        json.dump({**summarize(scores, snakemake.wildcards.rm), "computed_with": where}, f, indent=2)
 
 
 run_script(snakemake, main)

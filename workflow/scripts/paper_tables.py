@@ -2,6 +2,7 @@ import itertools
 import json
 from pathlib import Path
 
+from sarm.evaluate import computed_with_note
 from sarm.tables import paper_tables, paper_tables_figure, write_table
 from sarm.workflow import run_script
 
@@ -28,7 +29,7 @@ def main(snakemake):
     tables = paper_tables(summaries, p.reward_models, p.reference, p.leaderboard_models, p.backbone, p.stand_in)
     for name, stem in zip(p.names, snakemake.output.tables[::2]):
         title = TITLES[name].replace("the official benchmark", "stand-ins scored the official way") if p.stand_in else TITLES[name]
-        write_table(tables[name], Path(stem).with_suffix(""), title, NOTE)
+        write_table(tables[name], Path(stem).with_suffix(""), title, f"{NOTE} {computed_with_note(summaries.values())}".strip())
     paper_tables_figure(tables, snakemake.output.figure)
 
 

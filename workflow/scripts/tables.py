@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sarm.evaluate import computed_with_note
 from sarm.tables import accuracy_figure, accuracy_table, write_table
 from sarm.workflow import run_script
 
@@ -20,9 +21,10 @@ def main(snakemake):
     stems = [Path(path).with_suffix("") for path in snakemake.output.accuracy[::2]]
     figure = {}
     for table, stem in zip(p.tables, stems):
-        figure[table] = accuracy_table({model: load(summaries[model, table]) for model in p.models})
+        loaded = {model: load(summaries[model, table]) for model in p.models}
+        figure[table] = accuracy_table(loaded)
         note = " (held out from training; it also picks the head's epoch)" if table == "val" else ""
-        write_table(figure[table], stem, f"Pair accuracy (%) on {table}{note}")
+        write_table(figure[table], stem, f"Pair accuracy (%) on {table}{note}", computed_with_note(loaded.values()))
     sae = load(snakemake.input.sae)
     rows = [{"heldout": name.removeprefix("heldout_"), **sae[name]} for name in sae if name.startswith("heldout_")]
     sae_table = pd.DataFrame(rows).assign(width=sae["width"], k=sae["k"]).round(4)
