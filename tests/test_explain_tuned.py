@@ -17,6 +17,9 @@ from sarm.activations import ActivationCache
 from sarm.data import read_pairs
 from sarm.reward import RewardModel
 
+# the paper path (make test-paper-path): SARM-4B's recipe is a tuned SARM, and its real rules take ~2 minutes here
+pytestmark = pytest.mark.paper_path
+
 TABLES = ["val", "rb-like"]
 TARGETS = [
     *(f"results/explain/sarm/attributions/{table}.parquet" for table in TABLES),
