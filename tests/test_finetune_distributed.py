@@ -240,3 +240,25 @@ def test_several_processes_drop_the_pairs_that_would_be_repeated(hh_pairs):
     with pytest.raises(SarmError, match="3 training pairs are fewer than one batch per process"):
         _whole_batches(hh_pairs.iloc[:3], 2, 2)
     assert processes(SETTINGS, "cpu") == 2 and processes({**SETTINGS, "gpus": 8}, "cuda") == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_auto_without_a_gpu_trains_on_the_cpu_though_sized_for_a_gpu(tables, tiny_model_dir, shared_data, tmp_path):
+    """`device: auto` sizes fine-tuning for a GPU (gpu=1, little host memory); on a machine without one it runs on
+    the CPU, where the GPU job's host memory is no budget to refuse it by (config/ablations.yaml on 2 CPU cores)."""
+    from test_workflow import snakemake, tiny_config
+
+    shutil.copytree(tiny_model_dir, tmp_path / "resources/models/tiny")
+    shutil.copytree(tables, tmp_path / "resources/tables")
+    config = tiny_config(tiny_model_dir, shared_data) | {
+        "device": "auto",
+        "reward_models": {"dense": {"features": "hidden"}, "ft": {"features": "hidden", "mode": "finetune"}},
+        "rl": {"reward": "dense"},
+        "finetune": {k: v for k, v in SETTINGS.items() if k not in ("zero3", "cpu_processes")},
+    }
+    result = snakemake(tmp_path, config, "results/reward/ft", "--allowed-rules", "finetune_reward",
+                       "--set-resources", "finetune_reward:mem_mb=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs/finetune_reward/ft.log").read_text()
+    assert "sized for a GPU (config key device: auto) but running on the CPU" in log
+    assert (tmp_path / "results/reward/ft/reward_model.json").exists()
