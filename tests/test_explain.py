@@ -4,10 +4,9 @@ logit lens, feature cards in a real headless browser, labels through a judge, an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_labels import server
 
 from sarm import activations as A
 from sarm import explain as X
@@ -261,40 +261,28 @@ def test_endpoint_judge_over_loopback(tmp_path, caplog):
         (200, "<html>bad gateway</html>"),
         (200, json.dumps({"choices": [{"message": {"content": '{"label": "refusals", "score": 5}'}}]})),
     ]
-    seen = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"]))), self.headers.get("Authorization")))
-            status, body = replies.pop(0)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body.encode())
+    def answer(handler):
+        status, body = replies.pop(0)
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(body.encode())
 
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        settings = {"judge": "openai", "endpoint": {"base_url": f"http://127.0.0.1:{server.server_port}/v1", "model": "judge-1", "api_key_env": "SARM_TEST_KEY", "timeout_s": 10}}
-        import os
-
+    with server(answer) as (url, requests):
+        settings = {"judge": "openai", "endpoint": {"base_url": f"{url}/v1", "model": "judge-1", "api_key_env": "SARM_TEST_KEY", "timeout_s": 10}}
         os.environ["SARM_TEST_KEY"] = "k-123"
-        judge = L.make_judge(settings, "unused")
-        out = L.label_features([CARD], judge, L.LabelCache(tmp_path / "c.json"), n_features=1, retries=2, backoff_s=0)
-    finally:
-        server.shutdown()
-        os.environ.pop("SARM_TEST_KEY", None)
+        try:
+            judge = L.make_judge(settings, "unused")
+            out = L.label_features([CARD], judge, L.LabelCache(tmp_path / "c.json"), n_features=1, retries=2, backoff_s=0)
+        finally:
+            os.environ.pop("SARM_TEST_KEY", None)
+    seen = [(r["path"], json.loads(r["body"]), r["headers"].get("Authorization")) for r in requests]
     assert out["3"]["label"] == "refusals" and out["3"]["score"] == 5 and out["3"]["status"] == "labelled"
     assert len(seen) == 3 and seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-1" and seen[0][2] == "Bearer k-123"
     assert seen[0][1]["messages"] == L.build_prompt(CARD)
-    # the endpoint is down: retries, then unlabelled, and the run goes on saying so
-    port = server.server_port
-    server.server_close()
-    judge = L.EndpointJudge(f"http://127.0.0.1:{port}/v1", "judge-1", None, timeout_s=2)
+    # the endpoint is down (the server has closed): retries, then unlabelled, and the run goes on saying so
+    judge = L.EndpointJudge(f"{url}/v1", "judge-1", None, timeout_s=2)
     with caplog.at_level("WARNING"):
         out = L.label_features([CARD], judge, L.LabelCache(None), n_features=1, retries=1, backoff_s=0)
     assert out["3"]["status"] == "unlabelled" and len(out["3"]["problems"]) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -636,16 +638,19 @@ def run_job(path: str | Path) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to the calling process when its parent ends (Linux prctl PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Have the kernel send `sig` to this process when its parent ends (Linux prctl PDEATHSIG; elsewhere
-    nothing): the rule's script ends with Snakemake even when Snakemake is SIGKILLed, and a torchrun worker
-    with its launcher. A parent that ended before the call is caught by the re-parenting check."""
+    """Have the kernel send `sig` to this process when its parent ends (Linux; elsewhere nothing): the rule's
+    script ends with Snakemake even when Snakemake is SIGKILLed, and a torchrun worker with its launcher. A
+    parent that ended before the call is caught by the re-parenting check."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+    _set_pdeathsig(sig)
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), sig)
 
@@ -656,15 +661,7 @@ def run_processes(command: list[str], log_path: str | Path, env: dict | None = N
     which torchrun passes on to its workers, then SIGKILL after `grace_s`); the launcher itself ends with this
     process (PDEATHSIG). A launcher that fails (a process died: torchrun then stops the others) raises a
     SarmError."""
-    import functools
-    import time
-
-    libc = None
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-    preexec = functools.partial(libc.prctl, _PR_SET_PDEATHSIG, int(signal.SIGTERM)) if libc else None
+    preexec = _set_pdeathsig if sys.platform.startswith("linux") else None
     with open(log_path, "a") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=preexec)

@@ -69,13 +69,15 @@ def shuffled_batches(chunks: Sequence[Chunk], batch_size: int, buffer_size: int,
     generator = torch.Generator().manual_seed(seed)
     pool: list[torch.Tensor] = []
     while True:
-        n_seen = 0
+        n_seen, pooled = 0, sum(len(p) for p in pool)  # the last pool's remainder
         for i in torch.randperm(len(chunks), generator=generator).tolist():
             vectors = _load(chunks[i])
             pool.append(vectors)
             n_seen += len(vectors)
-            if sum(len(p) for p in pool) >= buffer_size:
+            pooled += len(vectors)
+            if pooled >= buffer_size:
                 yield from _drain(pool, batch_size, generator)
+                pooled = sum(len(p) for p in pool)
         if n_seen == 0:
             raise SarmError("the SAE corpus is empty: no sentence-final activations were cached")
         if pool:
