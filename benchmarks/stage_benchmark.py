@@ -16,7 +16,10 @@ Measured (the default run's model, tables and artefacts: `make run` first):
 - evaluation pairs/s (`score_cached`, the `sarm` model on the rb-like cache);
 - the caching stage's peak RSS at two data sizes (a subprocess each: RSS sampled while it caches, and the
   process's maxrss from wait4, model loading included);
-- the whole default run's wall time, from the last complete Snakemake log (not re-run here).
+- the whole default run's wall time, from the last complete Snakemake log (not re-run here);
+- with `--cpu-options`, the caching forward's CPU options side by side (`benchmarks/cpu_options.py`: float32,
+  packed prompts, bf16 native and emulated, int8, threads, SDPA/eager, AVX2 only), each with its effect on the
+  hidden states and on the default SARM's preferences.
 
 `--random-init SHAPE` (a preset: llama-3.1-8b; or a model folder / config.json) builds random-init truncated
 and full-depth models of that shape (the tokenizer and pairs still come from --model / --pairs) for a GPU
@@ -103,6 +106,10 @@ def main() -> None:
     eval_rows(args, rows)
     rss_rows(args, rows)
     run_row(args, rows)
+    if args.cpu_options:
+        from cpu_options import option_rows
+
+        rows += option_rows(args, row)
     header = [
         f"{datetime.now():%Y-%m-%d %H:%M}, {source}, L = {args.layer} of {n_layers}, dtype {str(dtype).removeprefix('torch.')}, "
         f"device {device}, attention {truncated.config._attn_implementation}, {args.threads} threads, "
@@ -149,6 +156,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rss-pairs", type=int, nargs=2, default=None, help="the two data sizes of the RSS runs (96 384; --quick 24 96)")
     p.add_argument("--rss-shard-size", type=int, default=64, help="sequences per shard in the peak-RSS runs")
     p.add_argument("--no-runner", action="store_true", help="skip sae-lens' CacheActivationsRunner")
+    p.add_argument("--cpu-options", action="store_true", help="also the CPU options side by side (benchmarks/cpu_options.py)")
     p.add_argument("--quick", action="store_true", help="small inputs: 24 pairs, 1 repeat, 10k SAE samples, RSS at 24/96")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)

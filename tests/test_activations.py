@@ -84,6 +84,84 @@ def test_cache_round_trip_matches_direct_forward(tokenizer, tiny, hh_pairs, tmp_
     assert list(cache.index.loc[cache.index.side == "chosen", "id"]) == list(hh_pairs.id)
 
 
+# --- a prompt shared by several sequences is computed once, with the states each sequence gives alone ---
+
+
+def _cache_states(folder):
+    cache = A.ActivationCache(folder)
+    sentences = {}
+    for shard in cache.shards:
+        part = cache.load_shard(shard)
+        for seq in part["sent_seq"].unique().tolist():
+            sentences[seq] = part["sent"][part["sent_seq"] == seq].float()
+    return cache.final(), sentences
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_prompts_give_each_sequence_its_own_states(tiny_model_dir, tokenizer, hh_pairs, tmp_path, attention):
+    """Real HH pairs: the chosen and rejected responses share a multi-turn prompt. Packed, it runs once; every
+    final-token and sentence-final state is the one a forward of that sequence alone gives."""
+    model = models.load_truncated(tiny_model_dir, 2, torch.float32)
+    model.config._attn_implementation = attention
+    info = A.cache_activations(model, tokenizer, hh_pairs, tmp_path / "c", max_length=128, batch_size=4, shard_size=7)
+    assert info["shared_prompts_packed"] and info["n_tokens_forwarded"] < 0.9 * info["n_tokens"]
+    final, sentences = _cache_states(tmp_path / "c")
+    seqs = A.pair_sequences(hh_pairs)
+    for row in range(len(seqs)):
+        e = A.encode(tokenizer, seqs.prompt[row], seqs.response[row], 128)
+        alone, (alone_sentences,) = A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", True)
+        torch.testing.assert_close(final[row], alone[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(sentences[row], alone_sentences.half().float(), atol=2e-3, rtol=0)  # stored as fp16
+
+
+def test_packed_rows_share_the_common_prefix_and_respect_the_row_budget():
+    def enc(*ids):
+        return A.Encoded(np.asarray(ids, dtype=np.int64), np.zeros(0, dtype=np.int64), False)
+
+    prompt = list(range(100, 120))  # 20 shared tokens
+    encoded = [enc(*prompt, 1, 2), enc(*prompt, 3), enc(*prompt, 4, 5, 6), enc(7, 8), enc(*prompt[:5], 9)]
+    rows = A.packed_rows(encoded, ["a", "a", "a", None, "b"], max_row_tokens=25)
+    assert [(r.prefix, r.members) for r in rows] == [(20, [0, 1]), (20, [2]), (0, [3]), (0, [4])]
+    assert A.row_length(rows[0], encoded) == 23  # 20 + 2 + 1
+    # the prefix always leaves each sequence its own last token, even when one sequence is all prefix
+    assert A.shared_prefix([np.arange(30), np.arange(30)]) == 29
+    batches = A.packed_batches(rows, encoded, batch_size=2)
+    assert [[r.members for r in b] for b in batches] == [[[0, 1]], [[2], [4]], [[3]]]
+
+
+def test_a_model_that_ignores_positions_is_not_packed(tiny_model_dir, tokenizer, hh_pairs, tmp_path, caplog):
+    """The packed rows are checked against plain forwards before they are used: a forward that drops
+    `position_ids` fails the check, and every sequence runs whole, with the plain forward's states."""
+    model = models.load_truncated(tiny_model_dir, 2, torch.float32)
+    forward = model.forward
+    model.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
+    info = A.cache_activations(model, tokenizer, hh_pairs.head(4), tmp_path / "c", max_length=128, batch_size=4)
+    assert not info["shared_prompts_packed"] and info["n_tokens_forwarded"] == info["n_tokens"]
+    assert "are not packed" in caplog.text
+    final, _ = _cache_states(tmp_path / "c")
+    seqs = A.pair_sequences(hh_pairs.head(4))
+    e = A.encode(tokenizer, seqs.prompt[1], seqs.response[1], 128)
+    torch.testing.assert_close(final[1], A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", False)[0][0], atol=1e-5, rtol=0)
+
+
+def test_two_cpu_workers_write_the_cache_one_thread_writes(tokenizer, tiny, hh_pairs, tmp_path):
+    """With two torch threads the batches run two at a time, one thread each: the same shards, bit for bit,
+    as one thread running them in order; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        A.cache_activations(tiny, tokenizer, hh_pairs, tmp_path / "one", max_length=128, batch_size=4, shard_size=7)
+        torch.set_num_threads(2)
+        A.cache_activations(tiny, tokenizer, hh_pairs, tmp_path / "two", max_length=128, batch_size=4, shard_size=7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    one, two = A.ActivationCache(tmp_path / "one"), A.ActivationCache(tmp_path / "two")
+    assert len(one.shards) == len(two.shards) > 1
+    for a, b in zip(one.shards, two.shards):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
 def test_unfinished_cache_is_refused(tmp_path):
     from sarm.errors import SarmError
 

@@ -87,16 +87,19 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def length_sorted_cache(tiny_model_dir, shared_data, tmp_path_factory):
-    """200 real HH-RLHF pairs cached by the tiny model in 50 shards, written longest sequences first."""
+    """200 real HH-RLHF pairs cached by the tiny model in 50 shards, written longest sequences first (one sequence a
+    row: tokenised beforehand, so no prompt is shared in a packed row and the order is each sequence's length)."""
     from sarm import activations as A
     from sarm import models
     from sarm.data import load_pairs
 
     pairs, _ = load_pairs("hh", {"path": str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"), "format": "hh_rlhf", "max_pairs": 200})
     folder = tmp_path_factory.mktemp("sorted-cache")
-    backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
-    A.cache_activations(backbone, models.load_tokenizer(tiny_model_dir), pairs, folder, max_length=128, batch_size=8,
-                        shard_size=8, meta={"dtype": "float32"})
+    backbone, tokenizer = models.load_truncated(tiny_model_dir, 2, torch.float32), models.load_tokenizer(tiny_model_dir)
+    sequences = A.pair_sequences(pairs)
+    encoded = [A.encode(tokenizer, p, r, 128) for p, r in zip(sequences.prompt, sequences.response)]
+    A.cache_sequences(backbone, tokenizer, sequences.drop(columns=["prompt", "response"]), folder, max_length=128,
+                      batch_size=8, shard_size=8, meta={"dtype": "float32"}, encoded=encoded)
     return A.ActivationCache(folder)
 
 

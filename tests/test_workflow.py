@@ -112,16 +112,43 @@ def test_best_of_n_tables_score_every_candidate_from_one_cache(smoke_run):
 
 
 @pytest.fixture(scope="module")
-def second_run(tiny_model_dir, shared_data, tmp_path_factory):
-    return whole_tiny_dag(tmp_path_factory.mktemp("smoke-again"), tiny_model_dir, shared_data)
+def avx2_run(tiny_model_dir, shared_data, tmp_path_factory):
+    """The same DAG again, with ATen, MKL and oneDNN capped at AVX2: this machine computing as a CPU without
+    AVX-512 or native bf16 does."""
+    from sarm.provenance import AVX2_ONLY
+
+    workdir = tmp_path_factory.mktemp("smoke-avx2")
+    result = snakemake(workdir, tiny_config(tiny_model_dir, shared_data), env=AVX2_ONLY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
 
 
-def test_same_seed_gives_bitwise_identical_results(smoke_run, second_run):
+def test_same_seed_gives_bitwise_identical_results_with_or_without_avx512(smoke_run, avx2_run):
+    """The same seed gives the same scores, head and SAE, bit for bit, here and on a CPU without AVX-512:
+    float32 with the portable kernels (config key cpu_kernels)."""
     for scores in sorted((smoke_run / "results/eval").glob("*/*/scores.parquet")):
-        again = second_run / scores.relative_to(smoke_run)
+        again = avx2_run / scores.relative_to(smoke_run)
         assert pd.read_parquet(scores).equals(pd.read_parquet(again)), scores
     for weights in ("results/reward/sarm/head.safetensors", "results/sae/tiny-L2/model/sae_weights.safetensors"):
-        assert (smoke_run / weights).read_bytes() == (second_run / weights).read_bytes(), weights
+        assert (smoke_run / weights).read_bytes() == (avx2_run / weights).read_bytes(), weights
+
+
+def test_a_cpu_without_avx512_prints_the_same_tables(smoke_run, avx2_run):
+    """float32 and the portable kernels (config key cpu_kernels) give the same caches, bit for bit, and the same
+    tables on a CPU without AVX-512; only the note naming the processor says which instructions it was held to."""
+    for ours in sorted((smoke_run / "results/activations").glob("*/*/shard_*.safetensors")):
+        assert ours.read_bytes() == (avx2_run / ours.relative_to(smoke_run)).read_bytes(), ours
+    tables = sorted((smoke_run / "results/tables").glob("*.md"))
+    assert len(tables) >= 4
+    for ours in tables:
+        capped = (avx2_run / ours.relative_to(smoke_run)).read_text().splitlines()
+        lines = ours.read_text().splitlines()
+        notes = [i for i, line in enumerate(lines) if "Computed with" in line]
+        assert [line for i, line in enumerate(lines) if i not in notes] == [line for i, line in enumerate(capped) if i not in notes], ours.name
+        assert all("MKL_ENABLE_INSTRUCTIONS=AVX2" in capped[i] and "MKL_ENABLE" not in lines[i] for i in notes), ours.name
+    for summary in sorted((smoke_run / "results/eval").glob("*/*/summary.json")):
+        ours, theirs = json.loads(summary.read_text()), json.loads((avx2_run / summary.relative_to(smoke_run)).read_text())
+        assert ours["accuracy"] == theirs["accuracy"], summary
 
 
 def test_run_records_versions_and_data_checksums(smoke_run, shared_data):
@@ -287,12 +314,14 @@ def test_missing_data_file_names_the_file(tiny_model_dir, shared_data, tmp_path)
 
 
 def test_results_say_which_dtype_and_processor_computed_them(smoke_run):
-    from sarm.provenance import machine
+    from sarm.provenance import PORTABLE_CPU, machine
 
-    here = machine()
+    here = {**machine(), "isa_caps": PORTABLE_CPU}  # config key cpu_kernels: portable (the default)
     summary = json.loads((smoke_run / "results/eval/sarm/val/summary.json").read_text())
     assert summary["computed_with"] == {"dtype": "float32", "machine": here}  # the cache's record
     meta = json.loads((smoke_run / "results/activations/tiny-L2/val/meta.json").read_text())
     assert meta["machine"] == here and meta["dtype"] == "float32"
     table = (smoke_run / "results/tables/accuracy_val.md").read_text()
     assert f"Computed with: hidden states in float32 on {here['cpu']} (" in table
+    for table in sorted((smoke_run / "results/tables").glob("*.md")):  # SAE metrics, best-of-N, shift, orderings too
+        assert f"Computed with: hidden states in float32 on {here['cpu']} (" in table.read_text(), table.name

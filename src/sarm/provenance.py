@@ -32,10 +32,20 @@ def versions() -> dict:
 
 # the CPU instructions that decide `model.dtype: auto` (native bf16) and the speed of float32 / int8 kernels
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+# The libraries' instruction-set settings, recorded with every result when set
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# Config key cpu_kernels: portable. ATen's vectorised kernels (norms, softmax, reductions) and MKL's GEMMs (its
+# conditional numerical reproducibility) on their AVX2 code paths: the same bits on every x86-64 CPU, with or
+# without AVX-512. Native kernels differ in the last bits (SmolLM2-135M's cached states by 1e-5), and the SAE's
+# training amplifies that: which latents TopK keeps changes, and SARM accuracies move by 1-3 points.
+PORTABLE_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+# This machine computing as a CPU without AVX-512 (and so without native bf16) would: tests and benchmarks
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def machine() -> dict:
-    """The processor a step ran on: CPU model, the flags of CPU_FLAGS it has, its logical CPUs, and the GPU if any."""
+    """The processor a step ran on: CPU model, the flags of CPU_FLAGS it has, its logical CPUs, the GPU if any, and
+    the instruction-set caps (ISA_CAPS) the libraries were given, if any."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
     fields = {key.strip(): value.strip() for key, value in fields.items()}
@@ -45,6 +55,9 @@ def machine() -> dict:
         "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
         "cpus": os.cpu_count(),
     }
+    caps = {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+    if caps:
+        found["isa_caps"] = caps
     try:
         import torch
 
@@ -60,8 +73,35 @@ def describe(dtype: str | None, found: dict | None) -> str:
     if not found:
         return f"hidden states in {dtype}" if dtype else ""
     where = found.get("gpu") or found.get("cpu")
-    flags = "" if found.get("gpu") else f" ({', '.join(found.get('cpu_flags') or []) or 'no listed flags'})"
+    caps = "; " + ", ".join(f"{k}={v}" for k, v in found["isa_caps"].items()) if found.get("isa_caps") else ""
+    flags = "" if found.get("gpu") else f" ({', '.join(found.get('cpu_flags') or []) or 'no listed flags'}{caps})"
     return f"hidden states in {dtype} on {where}{flags}"
+
+
+def computed_with(model, cache=None, device: str = "cpu") -> dict:
+    """The dtype and the processor the hidden states were computed with: those the cache recorded when it was
+    written (a frozen backbone), or this process's when a tuned model scores from text."""
+    if cache is not None:
+        return {"dtype": cache.meta.get("dtype"), "machine": cache.meta.get("machine")}
+    from sarm.models import resolve_device, resolve_dtype
+
+    base = model.config["base_model"]
+    dtype = resolve_dtype(base.get("dtype", "float32"), resolve_device(device))
+    return {"dtype": str(dtype).removeprefix("torch."), "machine": machine()}
+
+
+def computed_with_note(summaries) -> str:
+    """One note for a table built from `summaries`: the dtypes and processors their hidden states came from."""
+    lines = [describe(s["computed_with"]["dtype"], s["computed_with"]["machine"]) for s in summaries if s.get("computed_with")]
+    lines = list(dict.fromkeys(line for line in lines if line))
+    return ("Computed with: " + "; ".join(lines) + ".") if lines else ""
+
+
+def caches_note(folders) -> str:
+    """`computed_with_note` for a table built from activation caches: what each cache recorded when it was written."""
+    from sarm.activations import ActivationCache
+
+    return computed_with_note({"computed_with": computed_with(None, ActivationCache(folder))} for folder in folders)
 
 
 def collect(config: dict, model_dir: str | Path) -> dict:

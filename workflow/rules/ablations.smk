@@ -5,6 +5,7 @@
 rule ablation_orderings:
     input:
         scores=expand(f"{RESULTS}/eval/{{rm}}/{{table}}/scores.parquet", rm=REWARD_MODELS, table=EVAL_TABLES),
+        summaries=expand(f"{RESULTS}/eval/{{rm}}/{{table}}/summary.json", rm=REWARD_MODELS, table=EVAL_TABLES),
     output:
         expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"]),
     params:

@@ -91,6 +91,7 @@ rule bon_report:
     input:
         unpack(bon_reference),
         scores=f"{RESULTS}/bon/scores.parquet",
+        activations=bon_caches(),  # the note naming the dtype and processor the states came from
     output:
         winrate=expand(f"{RESULTS}/tables/bon_winrate.{{ext}}", ext=["md", "csv"]),
         curve=expand(f"{RESULTS}/tables/bon_curve.{{ext}}", ext=["md", "csv"]),

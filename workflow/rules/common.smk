@@ -7,6 +7,7 @@ from snakemake.utils import validate
 
 from sarm.config import check, reward_model_specs
 from sarm.errors import SarmError
+from sarm.provenance import PORTABLE_CPU
 from sarm.sae_input import pretrained_input
 
 try:
@@ -15,6 +16,12 @@ try:
     validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
 except SarmError as err:
     raise WorkflowError(str(err)) from None
+
+# Every job inherits this process's environment: pinned kernels make the tables the same on every x86-64 CPU.
+if config["cpu_kernels"] == "portable":
+    for _name, _value in PORTABLE_CPU.items():
+        if not os.environ.get(_name):  # a value the shell set wins (and is recorded with every result)
+            os.environ[_name] = _value
 
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]

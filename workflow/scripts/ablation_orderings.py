@@ -1,9 +1,11 @@
 import itertools
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from sarm.ablations import ordering_table
+from sarm.provenance import computed_with_note
 from sarm.tables import write_table
 from sarm.workflow import run_script
 
@@ -20,7 +22,8 @@ def main(snakemake):
         "RewardBench v1 subset weights where the subsets are official; "
         "95 % paired bootstrap interval of the difference, pairs resampled within categories"
     )
-    write_table(orderings, Path(snakemake.output[0]).with_suffix(""), title)
+    summaries = [json.loads(Path(path).read_text()) for path in snakemake.input.summaries]
+    write_table(orderings, Path(snakemake.output[0]).with_suffix(""), title, computed_with_note(summaries))
 
 
 run_script(snakemake, main)

@@ -2,8 +2,9 @@ import json
 
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
-from sarm.evaluate import computed_with, score_cached, score_text
+from sarm.evaluate import score_cached, score_text
 from sarm.finetune import load_reward_model
+from sarm.provenance import computed_with
 from sarm.rewardbench import summarize
 from sarm.workflow import run_script
 

@@ -2,7 +2,7 @@ import itertools
 import json
 from pathlib import Path
 
-from sarm.evaluate import computed_with_note
+from sarm.provenance import computed_with_note
 from sarm.tables import paper_tables, paper_tables_figure, write_table
 from sarm.workflow import run_script
 

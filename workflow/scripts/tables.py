@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sarm.evaluate import computed_with_note
+from sarm.provenance import computed_with_note
 from sarm.tables import accuracy_figure, accuracy_table, write_table
 from sarm.workflow import run_script
 
@@ -28,7 +28,7 @@ def main(snakemake):
     sae = load(snakemake.input.sae)
     rows = [{"heldout": name.removeprefix("heldout_"), **sae[name]} for name in sae if name.startswith("heldout_")]
     sae_table = pd.DataFrame(rows).assign(width=sae["width"], k=sae["k"]).round(4)
-    write_table(sae_table, Path(snakemake.output.sae[0]).with_suffix(""), "SAE on held-out activations")
+    write_table(sae_table, Path(snakemake.output.sae[0]).with_suffix(""), "SAE on held-out activations", computed_with_note([sae]))
     accuracy_figure(figure, snakemake.output.figure)
 
 

@@ -3,6 +3,7 @@ import logging
 
 from sarm import checkpoints, models
 from sarm.activations import ActivationCache
+from sarm.provenance import computed_with
 from sarm.sae import load_sae, measure, prepare_sae, save_sae
 from sarm.tracking import wandb_run
 from sarm.workflow import run_script
@@ -32,6 +33,7 @@ def main(snakemake):
             **source,
             "seconds": round(seconds, 1),
             **measure(saved, val),
+            "computed_with": computed_with(None, train),
         }
         if run is not None:
             run.summary.update({f"{k}/{m}": v for k, d in metrics.items() if isinstance(d, dict) for m, v in d.items()})
