@@ -129,6 +129,14 @@ def test_packed_rows_share_the_common_prefix_and_respect_the_row_budget():
     assert [[r.members for r in b] for b in batches] == [[[0, 1]], [[2], [4]], [[3]]]
 
 
+def test_a_16_bit_model_is_not_packed(tiny_model_dir, tokenizer, hh_pairs, tmp_path):
+    """In bf16 a packed row rounds differently from the sequence alone: each sequence runs whole, so the cache
+    keeps giving the scores the model gives the text."""
+    model = models.load_truncated(tiny_model_dir, 2, torch.bfloat16)
+    info = A.cache_activations(model, tokenizer, hh_pairs.head(4), tmp_path / "c", max_length=128, batch_size=4)
+    assert not info["shared_prompts_packed"] and info["n_tokens_forwarded"] == info["n_tokens"]
+
+
 def test_a_model_that_ignores_positions_is_not_packed(tiny_model_dir, tokenizer, hh_pairs, tmp_path, caplog):
     """The packed rows are checked against plain forwards before they are used: a forward that drops
     `position_ids` fails the check, and every sequence runs whole, with the plain forward's states."""
