@@ -57,8 +57,10 @@ REFERENCE = next(iter(OPTIONS))
 
 
 def native_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """What `model.dtype: auto` decides on this CPU."""
+    from sarm.models import resolve_dtype
+
+    return resolve_dtype("auto", "cpu") == torch.bfloat16
 
 
 def option_rows(args, row) -> list[dict]:

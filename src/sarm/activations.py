@@ -374,12 +374,13 @@ def row_length(row: PackedRow, encoded: list[Encoded]) -> int:
 def packed_batches(rows: list[PackedRow], encoded: list[Encoded], batch_size: int) -> list[list[PackedRow]]:
     """Rows of similar length (longest first), at most `batch_size` sequences a batch."""
     order = sorted(rows, key=lambda row: -row_length(row, encoded))
-    batches, batch = [], []
+    batches, batch, size = [], [], 0
     for row in order:
-        if batch and sum(len(r.members) for r in batch) + len(row.members) > batch_size:
+        if batch and size + len(row.members) > batch_size:
             batches.append(batch)
-            batch = []
+            batch, size = [], 0
         batch.append(row)
+        size += len(row.members)
     return batches + [batch] if batch else batches
 
 
@@ -628,9 +629,11 @@ def _rows(model, encoded, groups, max_length, batch_size, pad_id, device, standa
     give the scores a model gives the text), where the model's attention reads a custom mask and a first packed
     batch gives the states the sequences alone give."""
     alone = [PackedRow(0, [i]) for i in range(len(encoded))]
+    if model.dtype != torch.float32:
+        return alone, False
     rows = packed_rows(encoded, groups, 2 * max_length)
     shared = [row for row in rows if row.prefix]
-    if not shared or model.dtype != torch.float32:
+    if not shared:
         return alone, False
     attention = model.config._attn_implementation
     if attention in PACKABLE_ATTENTION and packing_agrees(model, shared[:max(1, batch_size // 2)], encoded, pad_id, device, standardized):
