@@ -5,7 +5,7 @@ CORES ?= 2
 # The CPU build of torch; on a GPU machine use e.g. TORCH="torch==2.13.0 --index-url <your CUDA wheel index>".
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test test-paper-path dry-run clean
+.PHONY: setup run test test-paper-path dry-run lint clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,slurm,deepspeed]"
+	$(PY) -m pip install -q -e ".[workflow,test,slurm,deepspeed]"
 	# DeepSpeed's CPU communication extension (g++ + ninja, ~2 min once, cached in ~/.cache/torch_extensions),
 	# built here rather than inside the ZeRO-3 test
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
@@ -26,6 +26,12 @@ run: setup
 
 dry-run: setup
 	$(VENV)/bin/snakemake -n --cores $(CORES)
+
+# Style and the workflow's lints (ruff's settings: pyproject.toml [tool.ruff]); fix with `ruff check --fix` and `ruff format`
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/snakemake --lint
 
 test: setup
 	$(VENV)/bin/pytest -q -m "not paper_path"

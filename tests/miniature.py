@@ -1,6 +1,6 @@
 """Run the paper config in miniature (config/paper/sarm-4b.yaml + config/paper/miniature.yaml) in a scratch folder.
 
-A helper, not a test module: tests/test_miniature.py runs it on this machine and tests/test_slurm.py through a
+A helper, not a test module: tests/test_miniature.py runs it on this machine and tests/test_workflow_slurm.py through a
 SLURM cluster, each with its own extra Snakemake arguments:
 
     from miniature import TINY_OVERLAY, run_miniature, tiny_model_override
@@ -38,8 +38,15 @@ def tiny_model_override(model_dir: str | Path) -> dict:
 TINY_OVERLAY = {"shift": {"categories": []}}
 
 
-def run_miniature(workdir: str | Path, *extra_args: str, model: dict | None = None, overlay: dict | None = None,
-                  cores: int | None = 2, timeout: int = 1500, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_miniature(
+    workdir: str | Path,
+    *extra_args: str,
+    model: dict | None = None,
+    overlay: dict | None = None,
+    cores: int | None = 2,
+    timeout: int = 1500,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`snakemake --configfile sarm-4b.yaml miniature.yaml [overlay] --directory workdir --cores N *extra_args`.
 
     `model`: keys laid over `model:` (e.g. `tiny_model_override`); `overlay`: any other keys, laid over the
@@ -53,8 +60,17 @@ def run_miniature(workdir: str | Path, *extra_args: str, model: dict | None = No
         path = workdir / "miniature-overlay.yaml"
         path.write_text(yaml.safe_dump(overlay))
         configs.append(str(path))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", *configs]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        *configs,
+    ]
     if cores is not None:
         command += ["--cores", str(cores)]
     command += list(extra_args)
@@ -69,8 +85,11 @@ def check_miniature_outputs(workdir: str | Path) -> dict:
     workdir = Path(workdir)
     results = workdir / RESULTS
     mirror = workdir / "resources/miniature/hub-mirror"
-    for hub, split in (("Skywork/Skywork-Reward-Preference-80K-v0.2", "train"), ("allenai/reward-bench", "filtered"),
-                       ("allenai/reward-bench-2", "test")):
+    for hub, split in (
+        ("Skywork/Skywork-Reward-Preference-80K-v0.2", "train"),
+        ("allenai/reward-bench", "filtered"),
+        ("allenai/reward-bench-2", "test"),
+    ):
         assert (mirror / hub / "data" / f"{split}-00000-of-00001.parquet").is_file(), f"{hub} not in the mirror"
     for rm in ("sarm", "dense"):
         config = json.loads((results / "reward" / rm / "reward_model.json").read_text())
@@ -98,8 +117,10 @@ def check_miniature_outputs(workdir: str | Path) -> dict:
 
     table1 = pd.read_csv(results / "tables/table1_rewardbench2.csv")
     ours = table1[table1["source"].str.startswith("reproduced")]
-    assert set(ours["model"]) >= {"sarm (smollm2-135m-instruct)", "dense (smollm2-135m-instruct)"} or \
-        set(ours["model"]) >= {"sarm (tiny)", "dense (tiny)"}, ours
+    assert set(ours["model"]) >= {"sarm (smollm2-135m-instruct)", "dense (smollm2-135m-instruct)"} or set(ours["model"]) >= {
+        "sarm (tiny)",
+        "dense (tiny)",
+    }, ours
     assert ours["data set"].str.contains("stand-in").all() and not ours["data set"].str.contains("official,").any()
     sarm = ours[ours["model"].str.startswith("sarm")].iloc[0]
     assert sarm["Ties"] == round(100 * scores["Ties"], 1) and sarm["overall"] == round(100 * scores["score"], 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_rewardbench2 import grouped_scores
+from test_rewardbench_v2 import grouped_scores
 from test_workflow import REPO, snakemake, tiny_config
 
 from sarm.ablations import comparisons, ordering_table, paired_bootstrap, verdict
@@ -47,8 +47,12 @@ def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
     token_sae = json.loads((results / "sae" / "tiny-L2-token" / "metrics.json").read_text())
     assert token_sae["trained"]["corpus"] == "sampled token states of the training pairs"
     orderings = pd.read_csv(results / "tables" / "ablation_orderings.csv")
-    expected = ["trained SAE encoder > random-init encoder", "sequence-level SAE > token-level SAE",
-                "fine-tuned > frozen backbone", "SARM (truncated at L) >= a full-depth BT reward model"]
+    expected = [
+        "trained SAE encoder > random-init encoder",
+        "sequence-level SAE > token-level SAE",
+        "fine-tuned > frozen backbone",
+        "SARM (truncated at L) >= a full-depth BT reward model",
+    ]
     assert all(orderings["claim"].str.startswith(claim).any() for claim in expected)
     assert set(orderings["table"]) == {"val", "rb-like"} and orderings["verdict"].notna().all()
 
@@ -62,11 +66,17 @@ def test_shared_caches_and_sae(ablation_run):
 
 
 def test_comparisons_pair_models_that_differ_only_where_the_claim_says():
-    specs = reward_model_specs({"reward_models": {
-        "a": {"features": "sae"}, "r": {"features": "sae", "sae": "random"},
-        "fa": {"features": "sae", "mode": "finetune"}, "fr": {"features": "sae", "sae": "random", "mode": "finetune"},
-        "d": {"features": "hidden"},
-    }})
+    specs = reward_model_specs(
+        {
+            "reward_models": {
+                "a": {"features": "sae"},
+                "r": {"features": "sae", "sae": "random"},
+                "fa": {"features": "sae", "mode": "finetune"},
+                "fr": {"features": "sae", "sae": "random", "mode": "finetune"},
+                "d": {"features": "hidden"},
+            }
+        }
+    )
     found = {(claim.split(" (")[0], a, b) for claim, a, b in comparisons(specs)}
     assert ("trained SAE encoder > random-init encoder", "a", "r") in found
     assert ("trained SAE encoder > random-init encoder", "fa", "fr") in found
@@ -87,8 +97,18 @@ def test_bootstrap_interval_and_verdicts():
 
 def test_ordering_table_scores_are_the_category_mean():
     ids = list(range(4))
-    frame = lambda chosen: pd.DataFrame({"id": ids, "subset": ["x", "x", "y", "y"], "category": ["x", "x", "y", "y"],
-                                         "score_chosen": chosen, "score_rejected": [0.0] * 4})
+
+    def frame(chosen):
+        return pd.DataFrame(
+            {
+                "id": ids,
+                "subset": ["x", "x", "y", "y"],
+                "category": ["x", "x", "y", "y"],
+                "score_chosen": chosen,
+                "score_rejected": [0.0] * 4,
+            }
+        )
+
     scores = {"a": {"t": frame([1.0, 1.0, 1.0, -1.0])}, "d": {"t": frame([1.0, -1.0, -1.0, -1.0])}}
     specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
     row = ordering_table(scores, specs, draws=100).iloc[0]
@@ -127,10 +147,15 @@ def test_official_subsets_weigh_as_in_the_accuracy_tables():
     from sarm.ablations import category_mean_accuracy, pair_weights
     from sarm.rewardbench import category_scores, subset_table
 
-    scores = pd.DataFrame({
-        "id": range(6), "subset": ["mt-bench-hard"] * 2 + ["llmbar-natural"] * 4, "category": ["Chat Hard"] * 6,
-        "score_chosen": [1, 0, 1, 1, 1, 0], "score_rejected": [0, 1, 0, 0, 0, 1],
-    })
+    scores = pd.DataFrame(
+        {
+            "id": range(6),
+            "subset": ["mt-bench-hard"] * 2 + ["llmbar-natural"] * 4,
+            "category": ["Chat Hard"] * 6,
+            "score_chosen": [1, 0, 1, 1, 1, 0],
+            "score_rejected": [0, 1, 0, 0, 0, 1],
+        }
+    )
     correct = (scores["score_chosen"] > scores["score_rejected"]).to_numpy(float)
     expected = category_scores(subset_table(scores))["accuracy"].iloc[0]  # (0.5 x 37 + 0.75 x 100) / 137
     assert category_mean_accuracy(correct, scores["category"].to_numpy(), pair_weights(scores)) == pytest.approx(expected)

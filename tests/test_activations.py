@@ -149,7 +149,9 @@ def test_a_model_that_ignores_positions_is_not_packed(tiny_model_dir, tokenizer,
     final, _ = _cache_states(tmp_path / "c")
     seqs = A.pair_sequences(hh_pairs.head(4))
     e = A.encode(tokenizer, seqs.prompt[1], seqs.response[1], 128)
-    torch.testing.assert_close(final[1], A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", False)[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        final[1], A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", False)[0][0], atol=1e-5, rtol=0
+    )
 
 
 def test_two_cpu_workers_write_the_cache_one_thread_writes(tokenizer, tiny, hh_pairs, tmp_path):
@@ -269,8 +271,14 @@ def test_ordinary_conversations_tokenise_exactly_as_before(tokenizer, hh_pairs):
     """Without typed markup the ids are those of the whole rendered text, so default results do not move."""
     from sarm.data import load_pairs
 
-    rb, _ = load_pairs("rb", {"path": str(Path(__file__).resolve().parents[2] / "shared/data/rewardbench-like/rb_like_eval.jsonl.gz"),
-                              "format": "rewardbench", "max_pairs": 60})
+    rb, _ = load_pairs(
+        "rb",
+        {
+            "path": str(Path(__file__).resolve().parents[2] / "shared/data/rewardbench-like/rb_like_eval.jsonl.gz"),
+            "format": "rewardbench",
+            "max_pairs": 60,
+        },
+    )
     for pairs in (hh_pairs, rb):
         for row in pairs.itertuples():
             for response in (row.chosen, row.rejected):
@@ -287,15 +295,21 @@ def test_content_that_repeats_template_text_is_located_by_the_template(tokenizer
 
 
 # Chat templates that trim message text, as Llama 3's does (`message['content'] | trim`), on SmolLM2's tokenizer.
-TRIM = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
-        " + '<|im_end|>\n' }}{% endfor %}")
+TRIM = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim"
+    " + '<|im_end|>\n' }}{% endfor %}"
+)
 # ... and leaves out blank messages: the rendering with placeholders no longer lines up, so contents are searched for
-TRIM_SKIP_BLANK = ("{% for message in messages %}{% if message['content'] | trim %}{{ '<|im_start|>' + message['role']"
-                   " + '\n' + message['content'] | trim + '<|im_end|>\n' }}{% endif %}{% endfor %}")
+TRIM_SKIP_BLANK = (
+    "{% for message in messages %}{% if message['content'] | trim %}{{ '<|im_start|>' + message['role']"
+    " + '\n' + message['content'] | trim + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+)
 # ... and shows only the answer of a reasoning response (a rewrite beyond trimming: that message cannot be located)
-TRIM_THINK = ("{% for message in messages %}{% set content = message['content'] | trim %}{% if '</think>' in content %}"
-              "{% set content = content.split('</think>')[-1] | trim %}{% endif %}"
-              "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}")
+TRIM_THINK = (
+    "{% for message in messages %}{% set content = message['content'] | trim %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] | trim %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}"
+)
 PADDED_PROMPT = [{"role": "system", "content": " \n"}, {"role": "user", "content": "\n Hi there. How are you?\n\n"}]
 PADDED_RESPONSE = "  Fine, thanks!\nAnd you?  "
 
@@ -332,8 +346,10 @@ def test_token_level_corpus_draws_only_content_tokens(tokenizer):
     response = "Once upon a time, a fox met a crow. It ended well; the end."
     text = A.render(tokenizer, prompt, response)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    spans = [(text.index(prompt[0]["content"]), text.index(prompt[0]["content"]) + len(prompt[0]["content"])),
-             (text.rindex(response), text.rindex(response) + len(response))]
+    spans = [
+        (text.index(prompt[0]["content"]), text.index(prompt[0]["content"]) + len(prompt[0]["content"])),
+        (text.rindex(response), text.rindex(response) + len(response)),
+    ]
     content = {i for i, (s, e) in enumerate(offsets) if e > s and any(a <= s and e <= b for a, b in spans)}
     assert len(content) < len(offsets) / 2  # most tokens are the template's
     encoded = A.encode(tokenizer, prompt, response, 512)

@@ -14,7 +14,7 @@ from sarm import activations as A
 from sarm import models
 from sarm.align import published_results, read_bon, score_candidates, win_rate_curve, win_rates
 from sarm.errors import SarmError
-from sarm.reward import RewardModel
+from sarm.reward_model import RewardModel
 
 BON = "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz"
 
@@ -73,15 +73,25 @@ def test_cached_candidates_score_like_raw_text_for_every_model(trained, tiny_mod
     candidates = read_bon(shared_data / BON, 2, seed=0)
     tokenizer = models.load_tokenizer(tiny_model_dir)
     backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
-    info = A.cache_sequences(backbone, tokenizer, candidates[["id", "candidate", "prompt", "response"]], tmp_path / "bon",
-                             max_length=96, batch_size=5, with_sentences=False, counts={"n_prompts": 2})
+    info = A.cache_sequences(
+        backbone,
+        tokenizer,
+        candidates[["id", "candidate", "prompt", "response"]],
+        tmp_path / "bon",
+        max_length=96,
+        batch_size=5,
+        with_sentences=False,
+        counts={"n_prompts": 2},
+    )
     assert info["n_sequences"] == 22 and info["n_prompts"] == 2 and info["n_truncated"] > 0
     sarm = RewardModel.from_pretrained(root / "rm")
     dense = RewardModel({**sarm.config, "features": "hidden"}, torch.randn(64, generator=torch.Generator().manual_seed(0)))
     scores = score_candidates({"sarm": sarm, "dense": dense}, A.ActivationCache(tmp_path / "bon"), candidates)
     raw = sarm.score(list(candidates.prompt), list(candidates.response), batch_size=7)
     np.testing.assert_allclose(scores["sarm"], raw, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(scores["dense"], dense.score(list(candidates.prompt), list(candidates.response)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        scores["dense"], dense.score(list(candidates.prompt), list(candidates.response)), atol=1e-4, rtol=0
+    )
     assert scores["truncated"].sum() == info["n_truncated"]
     with pytest.raises(SarmError, match="cached from other candidates"):
         score_candidates({"sarm": sarm}, A.ActivationCache(tmp_path / "bon"), candidates.iloc[::-1])
@@ -96,12 +106,22 @@ def write_jsonl(path, rows):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"prompt": "Hi", "responses": ["a", "b"]}],
-         "row 1 is not a best-of-N row (missing instruction, candidates; it has prompt, responses); expected fields id, instruction, candidates: [{output, win_prob_vs_ref}, ...]"),
+        (
+            [{"prompt": "Hi", "responses": ["a", "b"]}],
+            "row 1 is not a best-of-N row (missing instruction, candidates; it has prompt, responses); expected fields id, instruction, candidates: [{output, win_prob_vs_ref}, ...]",
+        ),
         ([{"instruction": "Hi", "candidates": [{"output": "a", "score": 1}]}], "candidate 0 has ['output', 'score']"),
-        ([{"instruction": "Hi", "candidates": [{"output": "a", "win_prob_vs_ref": 2}]}], "win_prob_vs_ref = 2 is not a probability"),
-        ([{"instruction": "Hi", "candidates": [{"output": "a", "win_prob_vs_ref": 0.5}]},
-          {"instruction": "Yo", "candidates": []}], "row 2 is not a best-of-N row (candidates is not a non-empty list)"),
+        (
+            [{"instruction": "Hi", "candidates": [{"output": "a", "win_prob_vs_ref": 2}]}],
+            "win_prob_vs_ref = 2 is not a probability",
+        ),
+        (
+            [
+                {"instruction": "Hi", "candidates": [{"output": "a", "win_prob_vs_ref": 0.5}]},
+                {"instruction": "Yo", "candidates": []},
+            ],
+            "row 2 is not a best-of-N row (candidates is not a non-empty list)",
+        ),
     ],
 )
 def test_a_file_of_another_shape_names_the_fields_it_expected(tmp_path, rows, message):

@@ -18,6 +18,7 @@ from test_workflow import REPO, SECRET, snakemake, tiny_config
 
 from sarm import cluster
 from sarm.tracking import read_offline_run
+from sarm.workflow import resources
 
 SLURM = ["--workflow-profile", str(REPO / "profiles/slurm")]
 
@@ -50,7 +51,14 @@ def planned_jobs(output: str) -> list[dict]:
             return dict(kv.split("=", 1) for kv in text.split(", ")) if text else {}
 
         resources = {k: int(v) if v.isdigit() else v for k, v in pairs(fields.get("resources", "")).items()}
-        jobs.append({"rule": head.group(2), "local": bool(head.group(1)), "wildcards": pairs(fields.get("wildcards", "")), "resources": resources})
+        jobs.append(
+            {
+                "rule": head.group(2),
+                "local": bool(head.group(1)),
+                "wildcards": pairs(fields.get("wildcards", "")),
+                "resources": resources,
+            }
+        )
     return jobs
 
 
@@ -99,10 +107,10 @@ def test_paper_config_asks_for_what_an_8b_model_at_layer_16_needs(paper_plan, sh
     assert shape.source == "config key cluster.model_shape" and shape.loaded_b == pytest.approx(4.015)
     # a frozen SARM head of this size reads 65,536 dense latents of ~154k sequences: tens of GB, on the CPU
     frozen = config | {"resources_dir": "none", "reward_models": {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}}
-    frozen_sarm = cluster.estimate("train_reward", frozen, shape, rm="sarm")
+    frozen_sarm = resources.estimate("train_reward", frozen, shape, rm="sarm")
     assert frozen_sarm["mem_mb"] >= 50_000 and frozen_sarm["gpu"] == 0
-    assert cluster.estimate("train_reward", frozen, shape, rm="dense")["mem_mb"] < frozen_sarm["mem_mb"] / 4
-    assert sae["mem_mb"] == cluster.estimate("sae", config | {"resources_dir": "none"}, shape)["mem_mb"]
+    assert resources.estimate("train_reward", frozen, shape, rm="dense")["mem_mb"] < frozen_sarm["mem_mb"] / 4
+    assert sae["mem_mb"] == resources.estimate("sae", config | {"resources_dir": "none"}, shape)["mem_mb"]
     for rule in ("fetch_model", "fetch_dataset"):
         assert all("gpu" not in j["resources"] for j in paper_plan if j["rule"] == rule), rule
     assert all(j["resources"]["slurm_account"] == "CHANGE-ME" for j in paper_plan if j["rule"] == "sae")
@@ -123,14 +131,17 @@ with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
 def test_fetch_rules_run_on_the_login_node(tmp_path):
     """Compute nodes often have no internet: the fetch rules are local rules, and only they."""
     config = REPO / "config/paper/sarm-4b.yaml"
-    result = subprocess.run([sys.executable, "-c", LOCAL_RULES, str(REPO), str(config), str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", LOCAL_RULES, str(REPO), str(config), str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == '["fetch_dataset", "fetch_model", "fetch_sae_corpus"]'
 
 
 def test_default_config_stays_small_under_the_slurm_profile(default_plan, paper_plan):
     for rule, paper_rule, kwargs in [
-        ("cache_activations", "cache_activations", {"table": "train"}), ("sae", "sae", {}),
+        ("cache_activations", "cache_activations", {"table": "train"}),
+        ("sae", "sae", {}),
         ("train_reward", "finetune_reward", {"rm": "sarm"}),  # the default's frozen head, the paper's fine-tuning
     ]:
         small, big = job(default_plan, rule, **kwargs), job(paper_plan, paper_rule, **kwargs)
@@ -153,7 +164,7 @@ def test_retried_job_asks_for_more_memory_and_time():
     config = yaml.safe_load((REPO / "config/paper/sarm-4b.yaml").read_text())
     config["resources_dir"] = "none"
     shape = cluster.model_shape(config)
-    first, second = (cluster.estimate("cache_activations", config, shape, "train", attempt=a) for a in (1, 2))
+    first, second = (resources.estimate("cache_activations", config, shape, "train", attempt=a) for a in (1, 2))
     assert second["runtime"] == 2 * first["runtime"] and second["mem_mb"] == 2 * first["mem_mb"]
     assert yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["retries"] >= 1
 
@@ -167,8 +178,14 @@ def _sbatch_line(resources: dict, rule: str) -> tuple[str, SimpleNamespace]:
         __getattr__ = dict.__getitem__
 
     fake = SimpleNamespace(resources=Resources(resources), threads=8, is_group=lambda: False)
-    params = {"run_uuid": "uuid", "slurm_logfile": "log/%j.log", "comment_str": f"rule_{rule}", "account": " -A myacct",
-              "partition": " -p gpu", "workdir": "/w"}
+    params = {
+        "run_uuid": "uuid",
+        "slurm_logfile": "log/%j.log",
+        "comment_str": f"rule_{rule}",
+        "account": " -A myacct",
+        "partition": " -p gpu",
+        "workdir": "/w",
+    }
     return submit.get_submit_command(fake, params) + set_gres_string(fake), fake
 
 
@@ -189,7 +206,13 @@ def test_sbatch_line_of_the_fine_tuning_rule(paper_plan):
     line, _ = _sbatch_line(resources, "finetune_reward")
     assert "--gpus=8" in line and f"--mem {resources['mem_mb']}" in line and f"-t {resources['runtime']}" in line
     assert cluster.launch_command("sarm.finetune", ["job.json"], 8)[1:7] == [
-        "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node"]
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+    ]
 
 
 def test_profile_left_with_change_me_stops_before_submitting(tiny_model_dir, shared_data, tmp_path):
@@ -198,15 +221,27 @@ def test_profile_left_with_change_me_stops_before_submitting(tiny_model_dir, sha
     bin_dir.mkdir()
     log = tmp_path / "sbatch.calls"
     for tool in ("sbatch", "squeue", "sacct", "sinfo", "scontrol", "sacctmgr", "sshare", "scancel"):
-        (bin_dir / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {log}\nexit 1\n")
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho {tool} "$@" >> {log}\nexit 1\n')
         (bin_dir / tool).chmod(0o755)
     config = tiny_config(tiny_model_dir, shared_data)
     workdir = tmp_path / "w"
     workdir.mkdir()
     env_path = f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), *SLURM, "results/sae/tiny-L2/metrics.json",
-               "--allowed-rules", "sae"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *SLURM,
+        "results/sae/tiny-L2/metrics.json",
+        "--allowed-rules",
+        "sae",
+    ]
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     for table in ("train", "val"):
         (workdir / f"results/activations/tiny-L2/{table}").mkdir(parents=True)
@@ -221,8 +256,23 @@ def test_profile_left_with_change_me_stops_before_submitting(tiny_model_dir, sha
     "processes, expected",
     [
         (1, [sys.executable, "-m", "sarm.finetune", "--config", "c.yaml"]),
-        (4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "4",
-             "-m", "sarm.finetune", "--config", "c.yaml"]),
+        (
+            4,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nnodes",
+                "1",
+                "--nproc_per_node",
+                "4",
+                "-m",
+                "sarm.finetune",
+                "--config",
+                "c.yaml",
+            ],
+        ),
     ],
 )
 def test_launch_command(processes, expected):
@@ -234,8 +284,18 @@ def test_launch_command(processes, expected):
 def test_cpu_processes_share_the_threads_and_each_hold_a_model(shared_data):
     config = repo_config("config/paper/sarm-4b.yaml", shared_data) | {"resources_dir": "none", "device": "cpu"}
     shape = cluster.model_shape(config)
-    one = cluster.estimate("finetune_reward", config | {"finetune": {**config["finetune"], "max_pairs": None, "cpu_processes": 1, "zero3": False}}, shape, rm="sarm")
-    two = cluster.estimate("finetune_reward", config | {"finetune": {**config["finetune"], "max_pairs": None, "cpu_processes": 2, "zero3": False}}, shape, rm="sarm")
+    one = resources.estimate(
+        "finetune_reward",
+        config | {"finetune": {**config["finetune"], "max_pairs": None, "cpu_processes": 1, "zero3": False}},
+        shape,
+        rm="sarm",
+    )
+    two = resources.estimate(
+        "finetune_reward",
+        config | {"finetune": {**config["finetune"], "max_pairs": None, "cpu_processes": 2, "zero3": False}},
+        shape,
+        rm="sarm",
+    )
     assert two["gpu"] == one["gpu"] == 0 and two["runtime"] == one["runtime"]
     assert 1.9 * one["mem_mb"] <= two["mem_mb"] <= 2.1 * one["mem_mb"]
 
@@ -302,14 +362,16 @@ def test_wandb_mode_from_the_environment_and_stable_run_ids(monkeypatch):
 
 def test_best_of_n_and_rl_jobs_are_sized_from_the_experiment(shared_data):
     default = repo_config("config/config.yaml", shared_data) | {"resources_dir": "none", "finetune": {"gpus": 1}}
-    small = cluster.model_shape(default | {"cluster": {"model_shape": {"params_b": 0.135, "num_hidden_layers": 30, "hidden_size": 576}}})
+    small = cluster.model_shape(
+        default | {"cluster": {"model_shape": {"params_b": 0.135, "num_hidden_layers": 30, "hidden_size": 576}}}
+    )
     big = cluster.model_shape(yaml.safe_load((REPO / "config/paper/sarm-4b.yaml").read_text()))
     for rule in ("cache_bon", "rl_train", "rl_evaluate"):
         table = "bon" if rule == "cache_bon" else None
-        a, b = cluster.estimate(rule, default, small, table), cluster.estimate(rule, default, big, table)
+        a, b = resources.estimate(rule, default, small, table), resources.estimate(rule, default, big, table)
         assert b["mem_mb"] > a["mem_mb"] and b["gpu_mem_mb"] > a["gpu_mem_mb"], rule
     # the default's RL run peaked at 5.8 GB on 2 CPU cores: a CPU job asks for more than that
-    assert cluster.estimate("rl_train", default | {"device": "cpu"}, small)["mem_mb"] >= 6000
+    assert resources.estimate("rl_train", default | {"device": "cpu"}, small)["mem_mb"] >= 6000
     # best-of-N before its candidates table exists: 60 prompts x 16 planned candidates, two sequences a "pair"
     assert cluster.table_pairs(default, "bon") == 60 * 16 // 2
 
@@ -324,8 +386,12 @@ def test_paper_configs_have_the_papers_sizes(name, size_b):
     own = yaml.safe_load((REPO / f"config/paper/{name}.yaml").read_text())
     layer, width = own["model"]["layer"], (own.get("sae") or {}).get("width") or paper["sae"]["width"]
     architectures = {  # the hub configs of Llama-3.1-8B-Instruct and Llama-3.2-3B-Instruct
-        "meta-llama/Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-        "meta-llama/Llama-3.2-3B-Instruct": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+        "meta-llama/Llama-3.1-8B-Instruct": dict(
+            hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False
+        ),
+        "meta-llama/Llama-3.2-3B-Instruct": dict(
+            hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True
+        ),
     }
     shape = architectures[own.get("model", {}).get("hub_id", paper["model"]["hub_id"])]
     with torch.device("meta"):

@@ -62,15 +62,15 @@ def test_hh_multi_turn_row_parses_into_messages(helpful):
     assert row["chosen"] == (
         "About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 species "
         "are common here year-round, and another 10 species are seen here year-round.  I suggest you keep an eye "
-        "out for skippers, gossamer wings, and red admirals.")
+        "out for skippers, gossamer wings, and red admirals."
+    )
     assert row["rejected"].startswith("Are you interested in just the common butterflies?")
 
 
 def test_hh_harmless_uses_config_category():
     table, report = load_pairs("hh-harmless", {"path": str(HH_HARMLESS), "format": "hh_rlhf", "category": "safety"})
     # Four blank rejected responses; nine transcripts whose prompts differ or do not alternate user/assistant.
-    assert report == {"rows_read": 2312, "pairs_kept": 2299,
-                      "skipped": {"empty_response": 4, "malformed_transcript": 9}}
+    assert report == {"rows_read": 2312, "pairs_kept": 2299, "skipped": {"empty_response": 4, "malformed_transcript": 9}}
     assert len(table) == 2299
     assert set(table["subset"]) == {"hh-harmless"}
     assert set(table["category"]) == {"safety"}
@@ -81,11 +81,15 @@ def test_hh_harmless_uses_config_category():
 def test_rewardbench_like_categories():
     table, report = load_pairs("rb-like", {"path": str(RB_LIKE), "format": "rewardbench"})
     assert report == {"rows_read": 1847, "pairs_kept": 1847, "skipped": {}}
-    assert table["category"].value_counts().to_dict() == {"chat": 200, "chat_hard": 419, "safety": 244,
-                                                           "reasoning": 984}
+    assert table["category"].value_counts().to_dict() == {"chat": 200, "chat_hard": 419, "safety": 244, "reasoning": 984}
     assert table.loc[0, "id"] == "mtbench-human-0" and table.loc[0, "subset"] == "mtbench-human"
-    assert table.loc[0, "prompt"] == [{"role": "user", "content": "Explain what's base rate fallacy and list five "
-                                       "specific examples of how politicians use it for campaigns."}]
+    assert table.loc[0, "prompt"] == [
+        {
+            "role": "user",
+            "content": "Explain what's base rate fallacy and list five "
+            "specific examples of how politicians use it for campaigns.",
+        }
+    ]
 
 
 def test_llmbar_chosen_follows_label():
@@ -119,14 +123,18 @@ def test_chat_format(tmp_path):
     user = {"role": "user", "content": "Name a prime."}
     rows = [
         # Skywork-style full conversations.
-        {"chosen": [system, user, {"role": "assistant", "content": "7"}],
-         "rejected": [system, user, {"role": "assistant", "content": "8"}]},
+        {
+            "chosen": [system, user, {"role": "assistant", "content": "7"}],
+            "rejected": [system, user, {"role": "assistant", "content": "8"}],
+        },
         # A prompt column with string / one-message responses.
         {"prompt": "Name a colour.", "chosen": "red", "rejected": [{"role": "assistant", "content": "seven"}]},
         {"prompt": [user], "chosen": "2", "rejected": "4"},
         # Different conversations before the response: malformed.
-        {"chosen": [user, {"role": "assistant", "content": "7"}],
-         "rejected": [system, user, {"role": "assistant", "content": "8"}]},
+        {
+            "chosen": [user, {"role": "assistant", "content": "7"}],
+            "rejected": [system, user, {"role": "assistant", "content": "8"}],
+        },
         # Last message is not the assistant's: malformed.
         {"chosen": [user], "rejected": [user, {"role": "assistant", "content": "8"}]},
     ]
@@ -141,13 +149,18 @@ def test_chat_format(tmp_path):
 
 
 def test_bad_responses_are_skipped_counted_and_logged(tmp_path, caplog):
-    rows = [rb_row(0), rb_row(1, chosen="   "), rb_row(2, rejected=3), rb_row(3, chosen=None),
-            rb_row(4, chosen="same", rejected="same"), rb_row(5, category="chat")]
+    rows = [
+        rb_row(0),
+        rb_row(1, chosen="   "),
+        rb_row(2, rejected=3),
+        rb_row(3, chosen=None),
+        rb_row(4, chosen="same", rejected="same"),
+        rb_row(5, category="chat"),
+    ]
     path = write_jsonl(tmp_path / "rb.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="sarm.data"):
         table, report = load_pairs("tiny", {"path": str(path), "format": "rewardbench", "category": "cfg"})
-    assert report["skipped"] == {"empty_response": 1, "non_string_response": 1, "missing_response": 1,
-                                 "identical_responses": 1}
+    assert report["skipped"] == {"empty_response": 1, "non_string_response": 1, "missing_response": 1, "identical_responses": 1}
     assert table["id"].tolist() == ["r0", "r5"]
     assert table["category"].tolist() == ["cfg", "chat"]
     assert "tiny" in caplog.text and "empty_response=1" in caplog.text
@@ -171,12 +184,15 @@ def test_duplicated_id_is_an_error(tmp_path):
         load_pairs("x", {"path": str(path), "format": "rewardbench"})
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"format": "rewardbench"}, "exactly one of 'path' or 'hub'"),
-    ({"path": "a.jsonl", "hub": "org/a", "format": "rewardbench"}, "exactly one of 'path' or 'hub'"),
-    ({"path": "a.jsonl", "format": "csv"}, "'format' must be one of"),
-    ({"path": "a.jsonl", "format": "chat", "max_pairs": 0}, "'max_pairs' must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"format": "rewardbench"}, "exactly one of 'path' or 'hub'"),
+        ({"path": "a.jsonl", "hub": "org/a", "format": "rewardbench"}, "exactly one of 'path' or 'hub'"),
+        ({"path": "a.jsonl", "format": "csv"}, "'format' must be one of"),
+        ({"path": "a.jsonl", "format": "chat", "max_pairs": 0}, "'max_pairs' must be a positive integer"),
+    ],
+)
 def test_bad_spec(spec, message):
     with pytest.raises(SarmError, match=message):
         load_pairs("x", spec)
@@ -189,8 +205,7 @@ def test_formats_are_the_documented_ones():
 # --- reading files ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "rows.json", "rows.json.gz", "wrapped.json",
-                                  "rows.parquet"])
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "rows.json", "rows.json.gz", "wrapped.json", "rows.parquet"])
 def test_read_records_formats(tmp_path, name):
     rows = [rb_row(0), rb_row(1, category="chat")]
     for row in rows:
@@ -285,8 +300,9 @@ def test_parquet_round_trip(helpful, tmp_path):
     assert list(back.columns) == COLUMNS
     assert type(back.loc[1, "prompt"]) is list and type(back.loc[1, "prompt"][0]) is dict
     assert back["prompt"].tolist() == table["prompt"].tolist()
-    pd.testing.assert_frame_equal(back.drop(columns="prompt"), table.drop(columns="prompt").reset_index(drop=True),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        back.drop(columns="prompt"), table.drop(columns="prompt").reset_index(drop=True), check_dtype=False
+    )
 
 
 def test_read_pairs_rejects_other_tables(tmp_path):
@@ -334,11 +350,12 @@ def test_a_row_without_the_subset_or_category_its_file_gives_is_skipped_and_coun
     assert f"missing_{missing}=1" in caplog.text
 
 
-
 def test_a_jsonl_line_holding_a_line_separator_character_is_one_row(tmp_path):
     """JSON allows U+2028, U+0085 and \\x1c raw inside a string; str.splitlines cut the line there and the file
     was refused as invalid JSON."""
     text = "first\u2028second\x85third\x1cfourth"
     path = tmp_path / "seps.jsonl"
-    path.write_text(json.dumps(rb_row(0, chosen=text), ensure_ascii=False) + "\r\n" + json.dumps(rb_row(1)) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(rb_row(0, chosen=text), ensure_ascii=False) + "\r\n" + json.dumps(rb_row(1)) + "\n", encoding="utf-8"
+    )
     assert [row["chosen"] for row in read_records(path)] == [text, "a good answer"]

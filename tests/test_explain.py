@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,8 @@ from sarm import shift as S
 from sarm.cli import main as cli_main
 from sarm.errors import SarmError
 from sarm.evaluate import score_cached
-from sarm.reward import RewardModel, fit_reward_model
+from sarm.reward import fit_reward_model
+from sarm.reward_model import RewardModel
 from sarm.sae import cache_chunks, train_sae
 
 
@@ -36,16 +36,33 @@ def tiny(tiny_model_dir, hh_pairs, tmp_path_factory):
     pairs = hh_pairs.assign(category=["safety"] * 4 + ["chat"] * 8, subset=["s1"] * 2 + ["s2"] * 2 + ["c"] * 8)
     tokenizer = models.load_tokenizer(tiny_model_dir)
     backbone = models.load_truncated(tiny_model_dir, 2, torch.float32)
-    A.cache_activations(backbone, tokenizer, pairs, root / "cache", max_length=96, batch_size=4, shard_size=10, meta={"dtype": "float32"})
+    A.cache_activations(
+        backbone, tokenizer, pairs, root / "cache", max_length=96, batch_size=4, shard_size=10, meta={"dtype": "float32"}
+    )
     cache = A.ActivationCache(root / "cache")
     sae = train_sae(cache_chunks(cache), 64, 128, 8, 2000, batch_size=64)
     spec = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
-    model, _ = fit_reward_model({"features": "sae"}, cache, cache, tiny_model_dir, spec, {"epochs": 1, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0}, sae)
+    model, _ = fit_reward_model(
+        {"features": "sae"},
+        cache,
+        cache,
+        tiny_model_dir,
+        spec,
+        {"epochs": 1, "lr": 0.01, "batch_size": 4, "weight_decay": 0.0},
+        sae,
+    )
     g = torch.Generator().manual_seed(0)
     model.weight = torch.randn(128, generator=g) * (torch.rand(128, generator=g) < 0.5)
     model.save_pretrained(root / "rm")
-    return {"root": root, "pairs": pairs, "cache": cache, "model": RewardModel.from_pretrained(root / "rm"),
-            "backbone": backbone, "tokenizer": tokenizer, "model_dir": tiny_model_dir}
+    return {
+        "root": root,
+        "pairs": pairs,
+        "cache": cache,
+        "model": RewardModel.from_pretrained(root / "rm"),
+        "backbone": backbone,
+        "tokenizer": tokenizer,
+        "model_dir": tiny_model_dir,
+    }
 
 
 # --- attribution ---
@@ -80,7 +97,22 @@ def test_attribution_table_sums_to_the_evaluated_scores(tiny):
 def test_cli_explains_one_pair(tiny, capsys):
     model, pairs = tiny["model"], tiny["pairs"]
     prompt, response = pairs.prompt[0][-1]["content"], pairs.chosen[0]
-    cli_main(["explain", "--model", str(tiny["root"] / "rm"), "--prompt", prompt, "--response", response, "--top", "4", "--json", "--feature", "3"])
+    cli_main(
+        [
+            "explain",
+            "--model",
+            str(tiny["root"] / "rm"),
+            "--prompt",
+            prompt,
+            "--response",
+            response,
+            "--top",
+            "4",
+            "--json",
+            "--feature",
+            "3",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["reward"] == pytest.approx(float(model.score([prompt], [response])[0]), abs=1e-5)
     total = sum(r["contribution"] for r in out["positive"] + out["negative"]) + out["rest"]
@@ -122,7 +154,9 @@ def test_logit_lens_is_odd_in_the_direction(tiny):
 
 def test_feature_stats_match_the_cache(tiny):
     model, cache, pairs = tiny["model"], tiny["cache"], tiny["pairs"]
-    stats = X.feature_stats(model, cache, pairs, cache, pairs, tiny["model_dir"], n_weight=2, n_frequent=2, extra=[5], n_contexts=3, n_tokens=4)
+    stats = X.feature_stats(
+        model, cache, pairs, cache, pairs, tiny["model_dir"], n_weight=2, n_frequent=2, extra=[5], n_contexts=3, n_tokens=4
+    )
     z = model.features(cache.final())
     cards = stats["features"]
     assert [c["why"] for c in cards[:2]] == [["largest |weight|"]] * 2 and cards[-1]["feature"] == 5
@@ -145,11 +179,27 @@ def test_feature_stats_match_the_cache(tiny):
 
 def _card(feature: int, weight: float) -> dict:
     ctx = {"activation": 2.0, "id": "x", "side": "chosen", "left": "The cat sat on the mat", "token": ".", "right": " Then"}
-    ev = {"activation": 1.5, "contribution": weight * 1.5, "id": "y", "side": "rejected", "subset": "s", "prompt": "p", "response_end": "the end"}
+    ev = {
+        "activation": 1.5,
+        "contribution": weight * 1.5,
+        "id": "y",
+        "side": "rejected",
+        "subset": "s",
+        "prompt": "p",
+        "response_end": "the end",
+    }
     return {
-        "feature": feature, "why": ["largest |weight|"], "weight": weight, "weight_rank": 1, "fire_chosen": 0.5, "fire_rejected": 0.25,
-        "fire_corpus": 0.01, "histogram": {"edges": [0, 1, 2, 3], "counts": [[5, 3, 1], [2, 2, 0]]},
-        "corpus_contexts": [ctx] * 3, "eval_contexts": [ev] * 2, "logit_lens": {"promoted": ["cat", " dog"], "suppressed": ["<b>"]},
+        "feature": feature,
+        "why": ["largest |weight|"],
+        "weight": weight,
+        "weight_rank": 1,
+        "fire_chosen": 0.5,
+        "fire_rejected": 0.25,
+        "fire_corpus": 0.01,
+        "histogram": {"edges": [0, 1, 2, 3], "counts": [[5, 3, 1], [2, 2, 0]]},
+        "corpus_contexts": [ctx] * 3,
+        "eval_contexts": [ev] * 2,
+        "logit_lens": {"promoted": ["cat", " dog"], "suppressed": ["<b>"]},
     }
 
 
@@ -173,16 +223,41 @@ def test_cards_render_in_headless_chromium(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
-    stats = {"width": 128, "max_abs_weight": 1.0, "n_nonzero_weights": 64, "n_eval_sequences": 24, "n_corpus_vectors": 100,
-             "features": [_card(7, 1.0), _card(9, -0.5), _card(11, 0.25)]}
-    labels = {"7": {"label": "sentence ends <script>", "score": 4, "status": "labelled"}, "9": {"label": None, "status": "unlabelled"}}
+    stats = {
+        "width": 128,
+        "max_abs_weight": 1.0,
+        "n_nonzero_weights": 64,
+        "n_eval_sequences": 24,
+        "n_corpus_vectors": 100,
+        "features": [_card(7, 1.0), _card(9, -0.5), _card(11, 0.25)],
+    }
+    labels = {
+        "7": {"label": "sentence ends <script>", "score": 4, "status": "labelled"},
+        "9": {"label": None, "status": "unlabelled"},
+    }
     page = tmp_path / "cards.html"
     page.write_text(X.cards_html(stats, labels, "test cards"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert dom.count('<section class="card"') == 3
     assert "sentence ends &lt;script&gt;" in dom and dom.count(">unlabelled<") == 2  # escaped; 9 and 11 have no label
     img = np.asarray(Image.open(shot).convert("RGB"))
@@ -221,7 +296,16 @@ def test_label_prompt_and_parsing():
     assert L.parse_answer("Label: Sentence-final commas\nScore: 4") == {"label": "Sentence-final commas", "score": 4}
     assert L.parse_answer('Sure! {"label": "code endings", "score": "5"}') == {"label": "code endings", "score": 5}
     assert L.parse_answer("**Label:** legal advice. It fires on\nScore: 9") == {"label": "legal advice", "score": None}
-    for garbage in ("", "I cannot help", "Label: [1-5]", "Label: 1. Ben", "Label: the same concept", "Label: ⏎ assistant", None, "{not json"):
+    for garbage in (
+        "",
+        "I cannot help",
+        "Label: [1-5]",
+        "Label: 1. Ben",
+        "Label: the same concept",
+        "Label: ⏎ assistant",
+        None,
+        "{not json",
+    ):
         assert L.parse_answer(garbage) is None, garbage
 
 
@@ -246,7 +330,11 @@ def test_labels_are_cached_and_garbage_is_retried(tmp_path):
     cache = L.LabelCache(tmp_path / "cache.json")
     out = L.label_features(cards, judge, cache, n_features=2, retries=2, backoff_s=0)
     assert out["3"] == {"label": "periods", "score": 3, "judge": "counting", "status": "labelled"}
-    assert out["8"]["status"] == "unlabelled" and len(out["8"]["problems"]) == 3 and "ConnectionError" in " ".join(out["8"]["problems"])
+    assert (
+        out["8"]["status"] == "unlabelled"
+        and len(out["8"]["problems"]) == 3
+        and "ConnectionError" in " ".join(out["8"]["problems"])
+    )
     assert judge.calls == 5
     again = CountingJudge(["Label: full stops\nScore: 2"])
     out = L.label_features(cards, again, L.LabelCache(tmp_path / "cache.json"), n_features=2, retries=0, backoff_s=0)
@@ -270,7 +358,10 @@ def test_endpoint_judge_over_loopback(tmp_path, caplog):
         handler.wfile.write(body.encode())
 
     with server(answer) as (url, requests):
-        settings = {"judge": "openai", "endpoint": {"base_url": f"{url}/v1", "model": "judge-1", "api_key_env": "SARM_TEST_KEY", "timeout_s": 10}}
+        settings = {
+            "judge": "openai",
+            "endpoint": {"base_url": f"{url}/v1", "model": "judge-1", "api_key_env": "SARM_TEST_KEY", "timeout_s": 10},
+        }
         os.environ["SARM_TEST_KEY"] = "k-123"
         try:
             judge = L.make_judge(settings, "unused")
@@ -279,7 +370,12 @@ def test_endpoint_judge_over_loopback(tmp_path, caplog):
             os.environ.pop("SARM_TEST_KEY", None)
     seen = [(r["path"], json.loads(r["body"]), r["headers"].get("Authorization")) for r in requests]
     assert out["3"]["label"] == "refusals" and out["3"]["score"] == 5 and out["3"]["status"] == "labelled"
-    assert len(seen) == 3 and seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-1" and seen[0][2] == "Bearer k-123"
+    assert (
+        len(seen) == 3
+        and seen[0][0] == "/v1/chat/completions"
+        and seen[0][1]["model"] == "judge-1"
+        and seen[0][2] == "Bearer k-123"
+    )
     assert seen[0][1]["messages"] == L.build_prompt(CARD)
     # the endpoint is down (the server has closed): retries, then unlabelled, and the run goes on saying so
     judge = L.EndpointJudge(f"{url}/v1", "judge-1", None, timeout_s=2)
@@ -337,7 +433,10 @@ def test_preference_shift_moves_only_responses_that_fire(tiny, tmp_path):
 def test_preference_shift_bad_input(tiny, tmp_path):
     model, tables = tiny["model"], {"eval": (tiny["cache"], tiny["pairs"])}
     base = {"categories": ["nope"], "subsets": [], "n_features": 1, "features": [], "factor": 2.0}
-    with pytest.raises(SarmError, match=r"config key shift.categories: the target set is empty: no pair of table 'eval' is in categories \['nope'\]"):
+    with pytest.raises(
+        SarmError,
+        match=r"config key shift.categories: the target set is empty: no pair of table 'eval' is in categories \['nope'\]",
+    ):
         S.preference_shift(model, tables, base, "eval", tmp_path / "a")
     with pytest.raises(SarmError, match="config key shift: name the target set"):
         S.preference_shift(model, tables, {**base, "categories": []}, "eval", tmp_path / "b")

@@ -15,7 +15,7 @@ from test_workflow import snakemake, tiny_config
 
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
-from sarm.reward import RewardModel
+from sarm.reward_model import RewardModel
 
 # the paper path (make test-paper-path): SARM-4B's recipe is a tuned SARM, and its real rules take ~2 minutes here
 pytestmark = pytest.mark.paper_path
@@ -29,9 +29,25 @@ TARGETS = [
     "results/eval/sarm/rb-like/scores.parquet",
 ]
 # one thread a job, so that two run at once on two cores (most of a tiny job is starting Python)
-ONE_THREAD = ["--set-threads", *(f"{rule}=1" for rule in (
-    "cache_activations", "cache_tuned_activations", "cache_bon", "cache_tuned_bon", "sae", "finetune_reward",
-    "train_reward", "evaluate", "feature_stats", "label_features", "preference_shift"))]
+ONE_THREAD = [
+    "--set-threads",
+    *(
+        f"{rule}=1"
+        for rule in (
+            "cache_activations",
+            "cache_tuned_activations",
+            "cache_bon",
+            "cache_tuned_bon",
+            "sae",
+            "finetune_reward",
+            "train_reward",
+            "evaluate",
+            "feature_stats",
+            "label_features",
+            "preference_shift",
+        )
+    ),
+]
 
 
 def tuned_config(tiny_model_dir, shared_data) -> dict:
@@ -42,8 +58,17 @@ def tuned_config(tiny_model_dir, shared_data) -> dict:
     return config | {
         "sae": {**config["sae"], "include_final_token": False},
         "reward_models": {"sarm": {"features": "sae", "mode": "finetune"}, "dense": {"features": "hidden"}},
-        "finetune": {"epochs": 1, "max_pairs": 16, "lr": 1e-3, "head_lr": 1e-2, "global_batch_size": 4,
-                     "per_device_batch_size": 2, "gradient_checkpointing": False, "dtype": "float32", "eval_batch_size": 4},
+        "finetune": {
+            "epochs": 1,
+            "max_pairs": 16,
+            "lr": 1e-3,
+            "head_lr": 1e-2,
+            "global_batch_size": 4,
+            "per_device_batch_size": 2,
+            "gradient_checkpointing": False,
+            "dtype": "float32",
+            "eval_batch_size": 4,
+        },
         "explain": {"n_weight": 3, "n_frequent": 2, "n_contexts": 6, "labels": {"judge": "none"}},
         "shift": {"categories": ["safety"], "n_features": 1},
     }
@@ -64,9 +89,11 @@ def text_rewards(results, table: str) -> np.ndarray:
         scores = pd.read_parquet(results / f"eval/sarm/{table}/scores.parquet")
     else:
         from sarm.evaluate import score_text
-        from sarm.finetune import load_reward_model
+        from sarm.reward_model import load as load_reward_model
 
-        scores = score_text(load_reward_model(results / "reward/sarm"), read_pairs(results.parent / f"resources/tables/{table}.parquet"), 4)
+        scores = score_text(
+            load_reward_model(results / "reward/sarm"), read_pairs(results.parent / f"resources/tables/{table}.parquet"), 4
+        )
     return np.column_stack([scores.score_chosen, scores.score_rejected]).reshape(-1)
 
 
@@ -169,8 +196,10 @@ def test_the_paper_config_plans_the_interpretability_section(shared_data, tmp_pa
     attributions = re.search(r"rule attributions:\n    input: ([^\n]*)", result.stdout + result.stderr).group(1)
     assert "results/sarm-4b/activations/tuned/sarm/" in attributions
 
-    overlay = config | {"shift": {"table": "reward-bench", "categories": ["safety"]},
-                        "bon": {"path": str(shared_data / "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz")}}
+    overlay = config | {
+        "shift": {"table": "reward-bench", "categories": ["safety"]},
+        "bon": {"path": str(shared_data / "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz")},
+    }
     result = snakemake(tmp_path / "paper-shift", overlay, "-n")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout + result.stderr)

@@ -19,13 +19,22 @@ from sarm.finetune import (
     finetune_reward_model,
     load_reward_model,
 )
-from sarm.reward import RewardModel, set_topk
+from sarm.reward_model import RewardModel, set_topk
 from sarm.sae import load_sae, random_sae
 
 MODEL_SPEC = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
 SETTINGS = {
-    "epochs": 2, "lr": 1e-3, "head_lr": 1e-2, "global_batch_size": 4, "per_device_batch_size": 2, "weight_decay": 0.0,
-    "warmup_ratio": 0.03, "gradient_checkpointing": True, "dtype": "float32", "max_pairs": None, "gpus": 1,
+    "epochs": 2,
+    "lr": 1e-3,
+    "head_lr": 1e-2,
+    "global_batch_size": 4,
+    "per_device_batch_size": 2,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "gradient_checkpointing": True,
+    "dtype": "float32",
+    "max_pairs": None,
+    "gpus": 1,
     "eval_batch_size": 4,
 }
 
@@ -50,7 +59,15 @@ def finetuned(tiny_model_dir, hh_pairs, trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetuned")
     sae = load_sae(trained[0] / "rm" / "sae")
     out, history = finetune_reward_model(
-        _spec(), SETTINGS, tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], root / "rm", sae, "cpu",
+        _spec(),
+        SETTINGS,
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:8],
+        hh_pairs.iloc[8:],
+        root / "rm",
+        sae,
+        "cpu",
     )
     return out, history, sae
 
@@ -83,8 +100,15 @@ def test_finetuned_model_scores_text_with_its_own_backbone(finetuned, hh_pairs):
 def test_joint_mode_trains_the_sae_and_topk_off_reads_signed_pre_activations(tiny_model_dir, hh_pairs, trained, tmp_path):
     sae = load_sae(trained[0] / "rm" / "sae")
     out, _ = finetune_reward_model(
-        _spec(mode="joint", topk=False), {**SETTINGS, "epochs": 1}, tiny_model_dir, MODEL_SPEC,
-        hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path / "rm", sae, "cpu",
+        _spec(mode="joint", topk=False),
+        {**SETTINGS, "epochs": 1},
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:8],
+        hh_pairs.iloc[8:],
+        tmp_path / "rm",
+        sae,
+        "cpu",
     )
     model = RewardModel.from_pretrained(out)
     assert model.config["topk"] is False and model.config["training"]["mode"] == "joint"
@@ -123,7 +147,9 @@ def test_joint_reconstruction_is_the_public_recipes(tiny_model_dir, hh_pairs, tr
     batch = PairCollator(tokenizer.pad_token_id)([data[i] for i in range(3)])
     sae = load_sae(trained[0] / "rm" / "sae")
     set_topk(sae, False)
-    model = SarmForReward(models.load_truncated(tiny_model_dir, 2, torch.float32), sae.cfg.d_sae, sae, train_sae=True, recon_weight=1.0)
+    model = SarmForReward(
+        models.load_truncated(tiny_model_dir, 2, torch.float32), sae.cfg.d_sae, sae, train_sae=True, recon_weight=1.0
+    )
     hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     recon = model._reconstruction(hidden, batch["response_mask"], torch.float32)
 
@@ -147,9 +173,15 @@ def test_joint_reconstruction_is_the_public_recipes(tiny_model_dir, hh_pairs, tr
 @pytest.fixture(scope="module")
 def full_depth(tiny_model_dir, hh_pairs, tmp_path_factory):
     out, _ = finetune_reward_model(
-        {"mode": "full_depth", "features": "hidden", "sae": None, "topk": None}, {**SETTINGS, "epochs": 1},
-        tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:8], hh_pairs.iloc[8:], tmp_path_factory.mktemp("full") / "rm",
-        None, "cpu",
+        {"mode": "full_depth", "features": "hidden", "sae": None, "topk": None},
+        {**SETTINGS, "epochs": 1},
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:8],
+        hh_pairs.iloc[8:],
+        tmp_path_factory.mktemp("full") / "rm",
+        None,
+        "cpu",
     )
     return out
 
@@ -173,13 +205,20 @@ def test_an_outside_loader_scores_the_full_depth_classifier_at_its_end_of_turn_t
     tokenizer = AutoTokenizer.from_pretrained(full_depth)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert classifier.config.pad_token_id == tokenizer.pad_token_id != end_of_turn
-    prompts = [[{"role": "user", "content": "What is 2+2?"}],
-               [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-                {"role": "user", "content": "Another one, please?"}],
-               [{"role": "user", "content": "Hi"}]]
+    prompts = [
+        [{"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one, please?"},
+        ],
+        [{"role": "user", "content": "Hi"}],
+    ]
     responses = ["4.", "Green, like grass in spring.", "Hello! How can I help you today?"]
-    texts = [tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
-             for p, r in zip(prompts, responses)]
+    texts = [
+        tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False).rstrip()
+        for p, r in zip(prompts, responses)
+    ]
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any() and (batch["input_ids"] == end_of_turn).any()
@@ -236,9 +275,17 @@ def test_a_job_file_runs_as_the_module_each_gpu_process_runs(tiny_model_dir, hh_
     write_pairs(hh_pairs.iloc[:4], tmp_path / "train.parquet")
     write_pairs(hh_pairs.iloc[8:10], tmp_path / "val.parquet")
     job = write_job(
-        tmp_path / "job.json", spec=_spec(features="hidden", sae=None, topk=None), settings={**SETTINGS, "epochs": 1},
-        model_dir=tiny_model_dir, model_spec=MODEL_SPEC, train=tmp_path / "train.parquet", val=tmp_path / "val.parquet",
-        out_dir=tmp_path / "rm", sae=None, device="cpu", seed=0,
+        tmp_path / "job.json",
+        spec=_spec(features="hidden", sae=None, topk=None),
+        settings={**SETTINGS, "epochs": 1},
+        model_dir=tiny_model_dir,
+        model_spec=MODEL_SPEC,
+        train=tmp_path / "train.parquet",
+        val=tmp_path / "val.parquet",
+        out_dir=tmp_path / "rm",
+        sae=None,
+        device="cpu",
+        seed=0,
     )
     command = launch_command("sarm.finetune", [str(job)], 8)
     assert "torch.distributed.run" in command and command[-3:] == ["-m", "sarm.finetune", str(job)]
@@ -262,16 +309,25 @@ def test_a_killed_finetuning_job_resumes_from_its_last_epoch(tiny_model_dir, hh_
 
     def job(name):
         return write_job(
-            tmp_path / f"{name}.json", spec=_spec(features="hidden", sae=None, topk=None),
-            settings={**SETTINGS, "gradient_checkpointing": False}, model_dir=tiny_model_dir, model_spec=MODEL_SPEC,
-            train=tmp_path / "train.parquet", val=tmp_path / "val.parquet", out_dir=tmp_path / name, sae=None,
-            device="cpu", seed=0,
+            tmp_path / f"{name}.json",
+            spec=_spec(features="hidden", sae=None, topk=None),
+            settings={**SETTINGS, "gradient_checkpointing": False},
+            model_dir=tiny_model_dir,
+            model_spec=MODEL_SPEC,
+            train=tmp_path / "train.parquet",
+            val=tmp_path / "val.parquet",
+            out_dir=tmp_path / name,
+            sae=None,
+            device="cpu",
+            seed=0,
         )
 
     run = [sys.executable, "-m", "sarm.finetune"]
     killed = subprocess.run([*run, str(job("resumed"))], env={**os.environ, "SARM_KILL_AT": "finetune:2"}, capture_output=True)
     assert killed.returncode == -9 and not (tmp_path / "resumed").exists()
-    assert [p.name for p in (tmp_path / "resumed.checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]  # epoch 1: one step of 4 pairs
+    assert [p.name for p in (tmp_path / "resumed.checkpoints").glob("checkpoint-*")] == [
+        "checkpoint-1"
+    ]  # epoch 1: one step of 4 pairs
     subprocess.run([*run, str(job("resumed"))], check=True, capture_output=True)
     subprocess.run([*run, str(job("straight"))], check=True, capture_output=True)
     resumed, straight = RewardModel.from_pretrained(tmp_path / "resumed"), RewardModel.from_pretrained(tmp_path / "straight")

@@ -35,9 +35,20 @@ from sarm.finetune import RANKS_FILE, _whole_batches, finetune_reward_model, pro
 
 MODEL_SPEC = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
 SETTINGS = {
-    "epochs": 2, "lr": 1e-3, "head_lr": 1e-2, "global_batch_size": 4, "per_device_batch_size": 2, "weight_decay": 0.0,
-    "warmup_ratio": 0.03, "gradient_checkpointing": True, "dtype": "float32", "max_pairs": None, "gpus": 1,
-    "cpu_processes": 2, "zero3": False, "eval_batch_size": 4,
+    "epochs": 2,
+    "lr": 1e-3,
+    "head_lr": 1e-2,
+    "global_batch_size": 4,
+    "per_device_batch_size": 2,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.03,
+    "gradient_checkpointing": True,
+    "dtype": "float32",
+    "max_pairs": None,
+    "gpus": 1,
+    "cpu_processes": 2,
+    "zero3": False,
+    "eval_batch_size": 4,
 }
 SPEC = {"features": "hidden", "mode": "finetune", "sae": None, "topk": None, "recon_weight": 1.0}
 ATOL = 2e-5
@@ -56,17 +67,33 @@ def tables(hh_pairs, tmp_path_factory):
 def one_process(tiny_model_dir, hh_pairs, tmp_path_factory):
     """The reference: one process, gradient accumulation 2 filling the same global batch of 4."""
     out, _ = finetune_reward_model(
-        SPEC, SETTINGS, tiny_model_dir, MODEL_SPEC, hh_pairs.iloc[:TRAIN_PAIRS], hh_pairs.iloc[8:12],
-        tmp_path_factory.mktemp("one") / "rm", None, "cpu", seed=0,
+        SPEC,
+        SETTINGS,
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:TRAIN_PAIRS],
+        hh_pairs.iloc[8:12],
+        tmp_path_factory.mktemp("one") / "rm",
+        None,
+        "cpu",
+        seed=0,
     )
     return out
 
 
 def _job(tmp_path, tables, tiny_model_dir, name="rm", **settings) -> Path:
     return write_job(
-        tmp_path / f"{name}.job.json", spec=SPEC, settings={**SETTINGS, **settings}, model_dir=tiny_model_dir,
-        model_spec=MODEL_SPEC, train=tables / "train.parquet", val=tables / "val.parquet", out_dir=tmp_path / name,
-        sae=None, device="cpu", seed=0,
+        tmp_path / f"{name}.job.json",
+        spec=SPEC,
+        settings={**SETTINGS, **settings},
+        model_dir=tiny_model_dir,
+        model_spec=MODEL_SPEC,
+        train=tables / "train.parquet",
+        val=tables / "val.parquet",
+        out_dir=tmp_path / name,
+        sae=None,
+        device="cpu",
+        seed=0,
     )
 
 
@@ -125,8 +152,14 @@ def test_the_rule_trains_in_two_cpu_processes_as_one_process_with_accumulation_a
         "finetune": {k: v for k, v in SETTINGS.items() if k != "zero3"},
     }
     started = time.monotonic()
-    result = snakemake(tmp_path, config, "results/reward/ft", "--allowed-rules", "finetune_reward",
-                       env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    result = snakemake(
+        tmp_path,
+        config,
+        "results/reward/ft",
+        "--allowed-rules",
+        "finetune_reward",
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
+    )
     print(f"the rule in two processes: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--nproc_per_node 2 -m sarm.finetune" in (tmp_path / "logs/finetune_reward/ft.log").read_text()
@@ -256,8 +289,15 @@ def test_device_auto_without_a_gpu_trains_on_the_cpu_though_sized_for_a_gpu(tabl
         "rl": {"reward": "dense"},
         "finetune": {k: v for k, v in SETTINGS.items() if k not in ("zero3", "cpu_processes")},
     }
-    result = snakemake(tmp_path, config, "results/reward/ft", "--allowed-rules", "finetune_reward",
-                       "--set-resources", "finetune_reward:mem_mb=10")
+    result = snakemake(
+        tmp_path,
+        config,
+        "results/reward/ft",
+        "--allowed-rules",
+        "finetune_reward",
+        "--set-resources",
+        "finetune_reward:mem_mb=10",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs/finetune_reward/ft.log").read_text()
     assert "sized for a GPU (config key device: auto) but running on the CPU" in log

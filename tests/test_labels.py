@@ -25,7 +25,9 @@ def server(answer):
     class Handler(BaseHTTPRequestHandler):
         def _any(self):
             length = int(self.headers.get("Content-Length") or 0)
-            seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": self.rfile.read(length)})
+            seen.append(
+                {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": self.rfile.read(length)}
+            )
             answer(self)
 
         do_GET = do_POST = _any
@@ -67,7 +69,10 @@ def test_a_redirect_never_carries_the_api_key_to_another_origin(monkeypatch, cod
 
         with server(redirect) as (endpoint, asked):
             judge = L.EndpointJudge(f"{endpoint}/v1", "judge-1", "SARM_TEST_JUDGE_KEY", timeout_s=10)
-            with pytest.raises(SarmError, match=rf"^config key explain.labels.endpoint.base_url: .* answered {code} redirecting to {elsewhere}/collect"):
+            with pytest.raises(
+                SarmError,
+                match=rf"^config key explain.labels.endpoint.base_url: .* answered {code} redirecting to {elsewhere}/collect",
+            ):
                 judge([{"role": "user", "content": "hi"}])
             # the labelling loop stops on it (a configuration error), rather than retrying into `unlabelled`
             card = {"feature": 3, "corpus_contexts": [{"left": "an excerpt ", "token": "here", "right": "."}]}
@@ -80,14 +85,22 @@ def test_a_redirect_never_carries_the_api_key_to_another_origin(monkeypatch, cod
 def test_the_endpoint_itself_still_answers(monkeypatch):
     monkeypatch.setenv("SARM_TEST_JUDGE_KEY", KEY)
     with server(reply_json) as (endpoint, asked):
-        answer = L.EndpointJudge(f"{endpoint}/v1", "judge-1", "SARM_TEST_JUDGE_KEY", timeout_s=10)([{"role": "user", "content": "hi"}])
+        answer = L.EndpointJudge(f"{endpoint}/v1", "judge-1", "SARM_TEST_JUDGE_KEY", timeout_s=10)(
+            [{"role": "user", "content": "hi"}]
+        )
     assert answer == ANSWER["choices"][0]["message"]["content"] and asked[0]["path"] == "/v1/chat/completions"
 
 
 @pytest.mark.parametrize(
     "url, warned",
-    [("http://judge.example.org/v1", True), ("http://10.0.0.7:8000/v1", True), ("https://api.example.org/v1", False),
-     ("http://127.0.0.1:8000/v1", False), ("http://localhost:8000/v1", False), ("http://[::1]:8000/v1", False)],
+    [
+        ("http://judge.example.org/v1", True),
+        ("http://10.0.0.7:8000/v1", True),
+        ("https://api.example.org/v1", False),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://[::1]:8000/v1", False),
+    ],
 )
 def test_plain_http_to_another_machine_is_warned(caplog, url, warned):
     with caplog.at_level(logging.WARNING, logger="sarm.labels"):
@@ -96,5 +109,7 @@ def test_plain_http_to_another_machine_is_warned(caplog, url, warned):
 
 
 def test_an_endpoint_that_is_not_an_http_url_is_refused():
-    with pytest.raises(SarmError, match=r"^config key explain.labels.endpoint.base_url: 'file:///etc/passwd' is not an http\(s\) URL$"):
+    with pytest.raises(
+        SarmError, match=r"^config key explain.labels.endpoint.base_url: 'file:///etc/passwd' is not an http\(s\) URL$"
+    ):
         L.EndpointJudge("file:///etc/passwd", "judge-1", None)

@@ -8,7 +8,6 @@ import fnmatch
 import pandas as pd
 import pytest
 import yaml
-
 from miniature import MINIATURE_CONFIG, PAPER_CONFIG, TINY_OVERLAY, check_miniature_outputs, run_miniature, tiny_model_override
 
 # The keys config/paper/miniature.yaml may set differently from config/paper/sarm-4b.yaml, and why. Anything else
@@ -61,8 +60,17 @@ def test_miniature_differs_from_the_paper_only_in_scale():
     # the paper's data sets, reward models, recipe and scoring are untouched: only their scale moves
     assert not any(key.startswith(("datasets.", "reward_models.", "train.datasets", "eval.datasets")) for key in changed)
     assert {"hub.mirror", "model.hub_id", "miniature.enabled"} <= set(changed)
-    for key in ("finetune.lr", "finetune.dtype", "finetune.gradient_checkpointing", "finetune.per_device_batch_size",
-                "finetune.zero3", "model.dtype", "sae.lr", "sae.include_final_token", "wandb.mode"):
+    for key in (
+        "finetune.lr",
+        "finetune.dtype",
+        "finetune.gradient_checkpointing",
+        "finetune.per_device_batch_size",
+        "finetune.zero3",
+        "model.dtype",
+        "sae.lr",
+        "sae.include_final_token",
+        "wandb.mode",
+    ):
         assert key in paper and key not in miniature, key
 
 
@@ -82,8 +90,17 @@ def test_stand_ins_have_the_hub_layouts(shared_data, tmp_path):
     assert list(v1.columns) == ["prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset", "id"]
     assert "mtbench-human" not in set(v1.subset) and v1.id.dtype == "int64"
     v2 = miniature.rewardbench2_table(rb_like)
-    assert list(v2.columns) == ["id", "prompt", "chosen", "rejected", "num_correct", "num_rejected",
-                                "total_completions", "models", "subset"]
+    assert list(v2.columns) == [
+        "id",
+        "prompt",
+        "chosen",
+        "rejected",
+        "num_correct",
+        "num_rejected",
+        "total_completions",
+        "models",
+        "subset",
+    ]
     assert list(dict.fromkeys(v2.subset)) == V2_SUBSETS
     best_of_4 = v2[v2.subset != "Ties"]
     assert (best_of_4.num_correct == 1).all() and (best_of_4.num_rejected == 3).all()
@@ -96,8 +113,9 @@ def test_stand_ins_have_the_hub_layouts(shared_data, tmp_path):
     # read back through a mirror as the workflow reads the paper's hub ids: format rewardbench2, benchmark v2
     mirror = tmp_path / "mirror"
     miniature.write_parquet(v2, miniature.split_file(mirror, "allenai/reward-bench-2", "test"))
-    pairs, report = load_pairs("reward-bench-2", {"hub": "allenai/reward-bench-2", "split": "test", "format": "rewardbench2"},
-                               str(mirror))
+    pairs, report = load_pairs(
+        "reward-bench-2", {"hub": "allenai/reward-bench-2", "split": "test", "format": "rewardbench2"}, str(mirror)
+    )
     assert report["skipped"] == {} and (pairs["benchmark"] == "rewardbench-2").all()
     assert len(pairs) == 3 * len(best_of_4) + sum(max(r.num_correct, r.num_rejected) for r in ties.itertuples())
 
@@ -107,7 +125,8 @@ def test_rows_measured_on_stand_ins_never_claim_the_benchmark():
 
     rb2 = {"benchmark": "rewardbench-2", "n_prompts": {"Math": 6, "Ties": 12}, "complete": False, "n_pairs": 54}
     assert measured_on(rb2, "reward-bench-2", stand_in=True) == (
-        "RewardBench 2 stand-in (miniature, 18 prompts from ../shared/data; scored the official way, not the benchmark)")
+        "RewardBench 2 stand-in (miniature, 18 prompts from ../shared/data; scored the official way, not the benchmark)"
+    )
     assert measured_on(rb2, "reward-bench-2").startswith("RewardBench 2 (official, reproduced")
     v1 = {"benchmark": "rewardbench-v1", "n_pairs": 84, "complete": False}
     assert measured_on(v1, "reward-bench", stand_in=True).startswith("RewardBench v1 stand-in (miniature, 84 pairs")

@@ -27,8 +27,18 @@ print(hashlib.sha256(A.ActivationCache(out).final().numpy().tobytes()).hexdigest
 def cached_states_hash(tiny_model_dir: Path, shared_data: Path, folder: Path, env: dict) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in {*PORTABLE_CPU, *AVX2_ONLY}}
     result = subprocess.run(
-        [sys.executable, "-c", CACHE_AND_HASH, str(tiny_model_dir), str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"), str(folder)],
-        env={**clean, **env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            CACHE_AND_HASH,
+            str(tiny_model_dir),
+            str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"),
+            str(folder),
+        ],
+        env={**clean, **env, "OMP_NUM_THREADS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]

@@ -1,14 +1,14 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from sarm import activations as A
 from sarm.errors import SarmError
 from sarm.evaluate import score_cached
-from sarm.reward import RewardModel, bt_loss, train_head
+from sarm.reward import bt_loss, train_head
+from sarm.reward_model import RewardModel
 from sarm.sae import train_sae
 
 
@@ -82,7 +82,7 @@ def test_cli_scores_like_the_package(trained, capsys):
 
 # --- a reward-model folder never runs code, nor gives a NaN score ---
 
-SHIPPED_CODE = '''
+SHIPPED_CODE = """
 import os
 from pathlib import Path
 
@@ -97,7 +97,7 @@ class ShippedConfig(LlamaConfig):
 
 class ShippedModel(LlamaModel):
     config_class = ShippedConfig
-'''
+"""
 
 
 def folder_with_shipped_code(trained, tiny_model_dir, tmp_path):
@@ -144,7 +144,7 @@ def test_a_folder_cannot_make_sarm_score_run_its_code(trained, tiny_model_dir, t
 
 
 def test_loading_a_model_never_takes_trust_from_the_folder(trained, tiny_model_dir, tmp_path):
-    from sarm.finetune import load_reward_model
+    from sarm.reward_model import load as load_reward_model
 
     folder = folder_with_shipped_code(trained, tiny_model_dir, tmp_path)
     for model in (RewardModel.from_pretrained(folder), load_reward_model(folder)):

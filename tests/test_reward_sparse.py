@@ -4,7 +4,8 @@ import pandas as pd
 import torch
 
 from sarm import activations as A
-from sarm.reward import RewardModel, SparseFeatures, sae_features, train_head
+from sarm.reward import train_head
+from sarm.reward_model import RewardModel, SparseFeatures, sae_features
 
 
 def test_sparse_latents_are_the_dense_latents(trained):
@@ -26,7 +27,9 @@ def test_head_trained_on_sparse_latents_matches_the_dense_head(trained):
     train, val = A.ActivationCache(root / "train").final(), A.ActivationCache(root / "val").final()
     # more rows than the fixture's 8 pairs: its real states plus noise, so the head sees many batches
     g = torch.Generator().manual_seed(0)
-    train = torch.cat([train, A.standardize(train.repeat(12, 1) + 0.3 * torch.randn(12 * len(train), train.shape[1], generator=g))])
+    train = torch.cat(
+        [train, A.standardize(train.repeat(12, 1) + 0.3 * torch.randn(12 * len(train), train.shape[1], generator=g))]
+    )
     settings = dict(epochs=6, lr=0.05, batch_size=8, weight_decay=0.01, seed=3)
     dense_w, dense_h = train_head(sae_features(sae, train), sae_features(sae, val), **settings)
     sparse_w, sparse_h = train_head(sae_features(sae, train, sparse=True), sae_features(sae, val, sparse=True), **settings)

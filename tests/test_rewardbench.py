@@ -171,9 +171,7 @@ def test_length_baseline_prefers_the_longer_response():
 
 
 def test_summarize_is_json_serialisable():
-    scores = scores_frame(
-        [("hep-go", "Reasoning", 1.0, 0.0), ("hep-go", "Reasoning", 0.0, 1.0), ("mine", "local", 1.0, 0.0)]
-    )
+    scores = scores_frame([("hep-go", "Reasoning", 1.0, 0.0), ("hep-go", "Reasoning", 0.0, 1.0), ("mine", "local", 1.0, 0.0)])
     got = json.loads(json.dumps(summarize(scores, "m")))
     assert got["model"] == "m"
     assert got["n_pairs"] == 3
@@ -211,7 +209,5 @@ def test_sections_reproduce_a_published_leaderboard_row():
     for section in ["Chat", "Chat Hard", "Safety", "Reasoning"]:
         assert got[section] == pytest.approx(row[section], abs=0.005), section
     # The listed Score also folds in prior sets at half weight: (4 sections + 0.5*prior) / 4.5.
-    assert (sum(got[s] for s in SECTIONS) + 0.5 * row["Prior Sets (0.5 weight)"]) / 4.5 == pytest.approx(
-        row["Score"], abs=0.005
-    )
+    assert (sum(got[s] for s in SECTIONS) + 0.5 * row["Prior Sets (0.5 weight)"]) / 4.5 == pytest.approx(row["Score"], abs=0.005)
     assert math.isclose(got["score"], sum(got[s] for s in SECTIONS) / 4)

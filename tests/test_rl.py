@@ -11,11 +11,18 @@ import torch
 
 from sarm import rl
 from sarm.errors import SarmError
-from sarm.reward import RewardModel
+from sarm.reward_model import RewardModel
 
 SETTINGS = {
-    "steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 8, "learning_rate": 0.01,
-    "beta": 0.04, "temperature": 1.0, "use_vllm": False, "gradient_checkpointing": False,
+    "steps": 2,
+    "prompts_per_step": 2,
+    "num_generations": 2,
+    "max_completion_length": 8,
+    "learning_rate": 0.01,
+    "beta": 0.04,
+    "temperature": 1.0,
+    "use_vllm": False,
+    "gradient_checkpointing": False,
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
 }
 
@@ -87,7 +94,9 @@ def test_nan_reward_names_the_step_and_the_prompt(trained):
     reward = rl.RewardFunction(model, "tiny-sarm")
     prompt = list(val_pairs.prompt[0])
     with pytest.raises(SarmError, match=r"RL step 7: reward model 'tiny-sarm' gave nan for prompt mt_bench/81 '") as err:
-        reward([prompt], [[{"role": "assistant", "content": "hi"}]], trainer_state=SimpleNamespace(global_step=6), id=["mt_bench/81"])
+        reward(
+            [prompt], [[{"role": "assistant", "content": "hi"}]], trainer_state=SimpleNamespace(global_step=6), id=["mt_bench/81"]
+        )
     assert prompt[-1]["content"][:20] in str(err.value) and "\n" not in str(err.value)
 
 
@@ -166,4 +175,7 @@ def test_rl_target_is_wired_and_checks_its_config(tiny_model_dir, shared_data, t
     assert "rl_train" not in result.stdout  # the default target leaves RL out
     config["rl"]["reward"] = "length"
     result = snakemake(tmp_path / "bad", config, "-n", "rl")
-    assert result.returncode != 0 and "config key rl.reward: 'length' is not a trained SARM or dense-head reward model" in result.stdout + result.stderr
+    assert (
+        result.returncode != 0
+        and "config key rl.reward: 'length' is not a trained SARM or dense-head reward model" in result.stdout + result.stderr
+    )

@@ -93,13 +93,24 @@ def length_sorted_cache(tiny_model_dir, shared_data, tmp_path_factory):
     from sarm import models
     from sarm.data import load_pairs
 
-    pairs, _ = load_pairs("hh", {"path": str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"), "format": "hh_rlhf", "max_pairs": 200})
+    pairs, _ = load_pairs(
+        "hh", {"path": str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"), "format": "hh_rlhf", "max_pairs": 200}
+    )
     folder = tmp_path_factory.mktemp("sorted-cache")
     backbone, tokenizer = models.load_truncated(tiny_model_dir, 2, torch.float32), models.load_tokenizer(tiny_model_dir)
     sequences = A.pair_sequences(pairs)
     encoded = [A.encode(tokenizer, p, r, 128) for p, r in zip(sequences.prompt, sequences.response)]
-    A.cache_sequences(backbone, tokenizer, sequences.drop(columns=["prompt", "response"]), folder, max_length=128,
-                      batch_size=8, shard_size=8, meta={"dtype": "float32"}, encoded=encoded)
+    A.cache_sequences(
+        backbone,
+        tokenizer,
+        sequences.drop(columns=["prompt", "response"]),
+        folder,
+        max_length=128,
+        batch_size=8,
+        shard_size=8,
+        meta={"dtype": "float32"},
+        encoded=encoded,
+    )
     return A.ActivationCache(folder)
 
 

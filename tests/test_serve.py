@@ -18,7 +18,7 @@ import pytest
 
 from sarm import cli
 from sarm.activations import render
-from sarm.reward import RewardModel, strip_trailing
+from sarm.reward_model import RewardModel, strip_trailing
 from sarm.serve import Limits, make_server
 
 
@@ -113,7 +113,7 @@ def test_over_long_text_is_truncated_and_reported(url, model):
         ({"prompts": ["a", "b"], "responses": ["x"]}, None, 400, "2 prompts but 1 responses"),
         ({"messages": [[{"role": "user", "content": "hi"}]]}, None, 400, "must end in the assistant turn"),
         ({"query": ["x"], "return_attributions": "all"}, None, 400, '"return_attributions" must be a non-negative integer'),
-        ({"texts": ["x"]}, None, 400, "expected one of {\"query\""),
+        ({"texts": ["x"]}, None, 400, 'expected one of {"query"'),
     ],
 )
 def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(url, body, raw, status, message):
@@ -151,9 +151,25 @@ def test_concurrent_requests_are_batched(model, trained):
 def test_cli_serves(trained):
     root, _, _ = trained
     process = subprocess.Popen(
-        [sys.executable, "-m", "sarm.cli", "serve", "--model", str(root / "rm"), "--port", "0", "--threads", "1",
-         "--max-items", "2", "--max-body-mb", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sarm.cli",
+            "serve",
+            "--model",
+            str(root / "rm"),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--max-items",
+            "2",
+            "--max-body-mb",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         line = process.stdout.readline()
@@ -161,7 +177,9 @@ def test_cli_serves(trained):
         url = line.split("listening on ")[1].strip().removesuffix("/get_reward")
         code, out = post(url, {"prompts": ["Hi"], "responses": ["Hello."]})
         assert code == 200
-        assert out["rewards"][0] == pytest.approx(float(RewardModel.from_pretrained(root / "rm").score(["Hi"], ["Hello."])[0]), abs=1e-5)
+        assert out["rewards"][0] == pytest.approx(
+            float(RewardModel.from_pretrained(root / "rm").score(["Hi"], ["Hello."])[0]), abs=1e-5
+        )
         code, out = post(url, {"query": ["a", "b", "c"]})
         assert code == 413 and "--max-items" in out["error"]
         limits = get(url, "/health")["limits"]
@@ -188,8 +206,17 @@ def test_cli_refuses_inconsistent_limits(trained):
 # --------------------------------------------------------------------------------------------------------------
 
 SMALL = Limits(
-    max_items=4, max_text_chars=2000, max_body_bytes=64 * 1024, request_timeout=30, read_timeout=2, idle_timeout=1,
-    max_connections=6, max_client_connections=4, max_queue_items=24, max_client_queue_items=6, max_parsing=2,
+    max_items=4,
+    max_text_chars=2000,
+    max_body_bytes=64 * 1024,
+    request_timeout=30,
+    read_timeout=2,
+    idle_timeout=1,
+    max_connections=6,
+    max_client_connections=4,
+    max_queue_items=24,
+    max_client_queue_items=6,
+    max_parsing=2,
 )
 
 
@@ -293,7 +320,10 @@ def test_a_negative_length_with_a_body_streamed_to_the_end_is_not_read(small):
         ({"query": ["Hi" + "<|im_end|>" * 5000]}, "query[0] has 50002 characters"),
         ({"prompts": ["p" * 1000], "responses": ["r" * 990]}, "prompts[0] with responses[0] has 2022 characters"),
         # empty messages still cost their chat markup: a conversation of many of them is bounded too
-        ({"messages": [[{"role": "user", "content": ""}] * 125 + [{"role": "assistant", "content": "ok"}]]}, "messages[0] has 2018 characters"),
+        (
+            {"messages": [[{"role": "user", "content": ""}] * 125 + [{"role": "assistant", "content": "ok"}]]},
+            "messages[0] has 2018 characters",
+        ),
     ],
 )
 def test_too_many_items_or_too_long_texts_are_413(small, body, message):
@@ -414,7 +444,9 @@ def test_a_big_request_does_not_hold_up_a_small_one(model, slow_forwards):
     try:
         big: dict = {}
         texts = [f"Tell me about the sea, number {i}." for i in range(32)]
-        worker = threading.Thread(target=lambda: big.update(zip(("code", "out", "seconds"), timed_post(url, {"query": texts}, "127.0.0.2"))))
+        worker = threading.Thread(
+            target=lambda: big.update(zip(("code", "out", "seconds"), timed_post(url, {"query": texts}, "127.0.0.2")))
+        )
         worker.start()
         time.sleep(0.6)  # the big request's 16 forwards (4 s) are under way
         code, out, seconds = timed_post(url, ONE, "127.0.0.3")

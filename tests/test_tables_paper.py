@@ -5,6 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sarm.ablations import typed
+from sarm.config import reward_model_specs
 from sarm.errors import SarmError
 from sarm.tables import (
     ABLATIONS,
@@ -35,10 +37,13 @@ REWARD_MODELS = {
 def local_summary(overall, chat, safety, n=420):
     """A summary.json of a local set (categories chat and safety)."""
     return {
-        "benchmark": "local", "n_pairs": n,
-        "categories": [{"category": "chat", "n": n // 2, "accuracy": chat, "weighting": "by-size"},
-                       {"category": "safety", "n": n // 2, "accuracy": safety, "weighting": "by-size"},
-                       {"category": "overall", "n": n, "accuracy": overall, "weighting": "mean-of-categories"}],
+        "benchmark": "local",
+        "n_pairs": n,
+        "categories": [
+            {"category": "chat", "n": n // 2, "accuracy": chat, "weighting": "by-size"},
+            {"category": "safety", "n": n // 2, "accuracy": safety, "weighting": "by-size"},
+            {"category": "overall", "n": n, "accuracy": overall, "weighting": "mean-of-categories"},
+        ],
         "benchmark_scores": {"chat": chat, "safety": safety, "overall": overall},
     }
 
@@ -48,8 +53,14 @@ def rb2_summary(score, complete=False):
     n_prompts = {"Factuality": 475, "Precise IF": 160, "Math": 183, "Safety": 450, "Focus": 495, "Ties": 102}
     if not complete:
         n_prompts = {s: 10 for s in n_prompts}
-    return {"benchmark": "rewardbench-2", "n_pairs": 999, "n_prompts": n_prompts, "complete": complete,
-            "categories": [], "benchmark_scores": {**subsets, "score": score}}
+    return {
+        "benchmark": "rewardbench-2",
+        "n_pairs": 999,
+        "n_prompts": n_prompts,
+        "complete": complete,
+        "categories": [],
+        "benchmark_scores": {**subsets, "score": score},
+    }
 
 
 @pytest.fixture
@@ -69,9 +80,17 @@ def tables(summaries):
 
 
 def test_ablation_mapping_by_spec():
-    assert [ablation_of(REWARD_MODELS[name]) for name in REWARD_MODELS] == [
-        "SARM", "SARM", "SAE encoder random init", "token-level SAE", None, None, None]
-    assert ablation_of({"features": "sae"}) == "SARM"  # the defaults: frozen, sequence-level, TopK
+    specs = typed(REWARD_MODELS)  # as the rule's params give them
+    assert [ablation_of(specs[name]) for name in REWARD_MODELS] == [
+        "SARM",
+        "SARM",
+        "SAE encoder random init",
+        "token-level SAE",
+        None,
+        None,
+        None,
+    ]
+    assert ablation_of(reward_model_specs({"reward_models": {"x": {}}})["x"]) == "SARM"  # frozen, sequence-level, TopK
 
 
 def test_local_rows_never_sit_under_official_columns(tables):
@@ -126,8 +145,10 @@ def test_table2_maps_variants_to_ablation_rows(tables):
     assert published["overall"].tolist() == [73.6, 68.4, 71.5]
     ours = t2[t2["source"].str.startswith("reproduced")]
     # dense has an RB2 summary but is no ablation row; sarm-token-sae is the token-level one.
-    assert list(zip(ours["ablation"], ours["model"])) == [("SARM", "sarm (smollm2)"),
-                                                         ("token-level SAE", "sarm-token-sae (smollm2)")]
+    assert list(zip(ours["ablation"], ours["model"])) == [
+        ("SARM", "sarm (smollm2)"),
+        ("token-level SAE", "sarm-token-sae (smollm2)"),
+    ]
     local = tables["table2_ablations_local"]
     assert list(zip(local["ablation"], local["mode"], local["model"])) == [
         ("SARM", "frozen", "sarm (smollm2)"),

@@ -24,16 +24,29 @@ def tiny_config(tiny_model_dir: Path, shared_data: Path) -> dict:
         "model": {"name": "tiny", "path": str(tiny_model_dir), "layer": 2, "dtype": "float32", "max_length": 96, "batch_size": 8},
         "datasets": {
             "hh-helpful": {"path": str(shared_data / "hh-rlhf/helpful-base/test.jsonl.gz"), "format": "hh_rlhf", "max_pairs": 30},
-            "hh-harmless": {"path": str(shared_data / "hh-rlhf/harmless-base/test.jsonl.gz"), "format": "hh_rlhf", "max_pairs": 30},
+            "hh-harmless": {
+                "path": str(shared_data / "hh-rlhf/harmless-base/test.jsonl.gz"),
+                "format": "hh_rlhf",
+                "max_pairs": 30,
+            },
             "rb-like": {"path": str(shared_data / "rewardbench-like/rb_like_eval.jsonl.gz"), "format": "rewardbench"},
         },
         "train": {"datasets": ["hh-helpful", "hh-harmless"], "max_pairs": 48, "val_fraction": 0.25},
         "eval": {"datasets": ["rb-like"], "max_pairs_per_subset": 2},
         "sae": {"width": 256, "k": 8, "training_samples": 4096, "batch_size": 128},
         "reward": {"epochs": 4, "lr": 0.01, "batch_size": 8},
-        "bon": {"path": str(shared_data / "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz"), "max_prompts": 4,
-                "reference": str(shared_data / "reference_results/bon_eval"), "curve_draws": 20},
-        "explain": {"n_weight": 3, "n_frequent": 2, "n_contexts": 6, "labels": {"n_features": 2, "n_contexts": 6, "retries": 0, "max_new_tokens": 6}},
+        "bon": {
+            "path": str(shared_data / "bon/alpacaeval_bon_tulu2dpo13b_n11_200.jsonl.gz"),
+            "max_prompts": 4,
+            "reference": str(shared_data / "reference_results/bon_eval"),
+            "curve_draws": 20,
+        },
+        "explain": {
+            "n_weight": 3,
+            "n_frequent": 2,
+            "n_contexts": 6,
+            "labels": {"n_features": 2, "n_contexts": 6, "retries": 0, "max_new_tokens": 6},
+        },
         "shift": {"categories": ["safety"], "n_features": 2},
     }
 
@@ -41,12 +54,24 @@ def tiny_config(tiny_model_dir: Path, shared_data: Path) -> dict:
 SECRET = "sk-test-7c1e55d0-do-not-log"
 
 
-def snakemake(workdir: Path, config: dict, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, config: dict, *args: str, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
     ]
     # Secrets in the environment, as on a real cluster: they must never reach a log or an output.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": SECRET, "OPENAI_API_KEY": SECRET, **(env or {})}
@@ -88,7 +113,7 @@ def test_summaries_match_per_example_scores(smoke_run):
 
 def test_trained_reward_model_scores_raw_text_like_the_workflow(smoke_run):
     from sarm.data import read_pairs
-    from sarm.reward import RewardModel
+    from sarm.reward_model import RewardModel
 
     model = RewardModel.from_pretrained(smoke_run / "results/reward/sarm")
     pairs = read_pairs(smoke_run / "resources/tables/val.parquet").head(3)
@@ -107,7 +132,9 @@ def test_best_of_n_tables_score_every_candidate_from_one_cache(smoke_run):
     assert list(ours.index) == ["sarm", "dense", "random", "longest", "shortest", "oracle"] and (ours["N"] == 11).all()
     assert ours.loc["oracle", "win_rate"] >= ours["win_rate"].max() and (table.source != "this run").sum() == 7
     curve = pd.read_csv(smoke_run / "results/tables/bon_curve.csv")
-    assert list(curve["N"]) == list(range(1, 12)) and curve["oracle"].iloc[-1] == pytest.approx(ours.loc["oracle", "win_rate"], abs=0.05)
+    assert list(curve["N"]) == list(range(1, 12)) and curve["oracle"].iloc[-1] == pytest.approx(
+        ours.loc["oracle", "win_rate"], abs=0.05
+    )
     assert (smoke_run / "results/figures/bon_curve.png").stat().st_size > 10_000
 
 
@@ -144,7 +171,9 @@ def test_a_cpu_without_avx512_prints_the_same_tables(smoke_run, avx2_run):
         capped = (avx2_run / ours.relative_to(smoke_run)).read_text().splitlines()
         lines = ours.read_text().splitlines()
         notes = [i for i, line in enumerate(lines) if "Computed with" in line]
-        assert [line for i, line in enumerate(lines) if i not in notes] == [line for i, line in enumerate(capped) if i not in notes], ours.name
+        assert [line for i, line in enumerate(lines) if i not in notes] == [
+            line for i, line in enumerate(capped) if i not in notes
+        ], ours.name
         assert all("MKL_ENABLE_INSTRUCTIONS=AVX2" in capped[i] and "MKL_ENABLE" not in lines[i] for i in notes), ours.name
     for summary in sorted((smoke_run / "results/eval").glob("*/*/summary.json")):
         ours, theirs = json.loads(summary.read_text()), json.loads((avx2_run / summary.relative_to(smoke_run)).read_text())
@@ -180,8 +209,13 @@ def test_explain_stage_writes_attributions_cards_and_the_shift(smoke_run):
     assert len(labels) == 2 and {v["status"] for v in labels.values()} <= {"labelled", "unlabelled", "cached"}
     shift = pd.read_csv(results / "tables/preference_shift.csv")
     assert shift["set"].iloc[0] == "target set" and (shift["mean_shift_not_firing"] == 0).all()
-    assert {"chat", "chat_hard", "safety", "reasoning", "overall"} <= set(shift["set"]) and set(shift["table"]) == {"val", "rb-like"}
-    assert (results / "shift/sarm/model/reward_model.json").exists() and (results / "figures/preference_shift.png").stat().st_size > 10_000
+    assert {"chat", "chat_hard", "safety", "reasoning", "overall"} <= set(shift["set"]) and set(shift["table"]) == {
+        "val",
+        "rb-like",
+    }
+    assert (results / "shift/sarm/model/reward_model.json").exists() and (
+        results / "figures/preference_shift.png"
+    ).stat().st_size > 10_000
 
 
 def test_sae_killed_mid_training_resumes_under_rerun_incomplete(smoke_run, tiny_model_dir, shared_data, tmp_path):
@@ -200,6 +234,20 @@ def test_sae_killed_mid_training_resumes_under_rerun_incomplete(smoke_run, tiny_
 def test_second_run_has_nothing_to_do(smoke_run, tiny_model_dir, shared_data):
     result = snakemake(smoke_run, tiny_config(tiny_model_dir, shared_data), "-n")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_report_of_the_finished_run_embeds_its_figures_and_pages(smoke_run, tiny_model_dir, shared_data, tmp_path):
+    """`snakemake --report` (Snakemake's own HTML reporter) on the finished tiny run: one self-contained page with
+    every output the rules mark with report(), under its category, and the workflow's description."""
+    report = tmp_path / "report.html"
+    result = snakemake(smoke_run, tiny_config(tiny_model_dir, shared_data), "--report", str(report))
+    assert result.returncode == 0, result.stderr[-4000:]
+    page = report.read_text()
+    for category in ("Best-of-N", "Interpretability"):
+        assert category in page, category
+    for name in ("accuracy.png", "bon_curve.png", "cards.html", "preference_shift.png"):
+        assert name in page, name
+    assert "Terry head over the TopK latents" in page  # workflow/report/workflow.rst (the page JSON-escapes the dash)
 
 
 # --- what re-runs: an edited local source does, a throughput-only key does not ---
@@ -299,7 +347,7 @@ def test_a_name_that_would_escape_its_folder_is_refused(tiny_model_dir, shared_d
 
 def test_layer_outside_the_model_fails_in_its_rule_and_leaves_nothing(tiny_model_dir, shared_data, tmp_path):
     config = bad(tiny_model_dir, shared_data, model__layer=9)
-    result = snakemake(tmp_path, config, f"results/activations/tiny-L9/val")
+    result = snakemake(tmp_path, config, "results/activations/tiny-L9/val")
     assert result.returncode != 0
     assert "config key model.layer = 9 is outside the model's layers (valid: 1..4)" in result.stderr
     assert not (tmp_path / "results/activations/tiny-L9/val").exists()

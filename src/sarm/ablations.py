@@ -13,51 +13,80 @@ import numpy as np
 import pandas as pd
 
 from sarm.rewardbench import (
-    EXAMPLE_COUNTS,
     benchmark_of,
     pair_correct,
     rewardbench2_prompts,
     rewardbench2_subset_scores,
 )
+from sarm.schema import EXAMPLE_COUNTS, benchmark
+from sarm.variants import RewardModelSpec, spec_from_dict
 
 # (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
 CLAIMS: list[tuple[str, dict, dict]] = [
-    ("trained SAE encoder > random-init encoder (Table 2)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "random", "topk": True}),
-    ("sequence-level SAE > token-level SAE (Table 2)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "token", "topk": True}),
+    (
+        "trained SAE encoder > random-init encoder (Table 2)",
+        {"features": "sae", "sae": "sequence", "topk": True},
+        {"features": "sae", "sae": "random", "topk": True},
+    ),
+    (
+        "sequence-level SAE > token-level SAE (Table 2)",
+        {"features": "sae", "sae": "sequence", "topk": True},
+        {"features": "sae", "sae": "token", "topk": True},
+    ),
     ("SARM head >= dense head on the same layer", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "hidden"}),
     ("fine-tuned > frozen backbone (the paper fine-tunes)", {"mode": "finetune"}, {"mode": "frozen"}),
-    ("TopK on >= off (the paper keeps TopK; its public recipe turns it off)", {"features": "sae", "sae": "sequence", "topk": True}, {"features": "sae", "sae": "sequence", "topk": False}),
-    ("SARM (truncated at L) >= a full-depth BT reward model (Table 1: SARM-4B above Skywork-8B)", {"features": "sae", "sae": "sequence", "topk": True}, {"mode": "full_depth"}),
+    (
+        "TopK on >= off (the paper keeps TopK; its public recipe turns it off)",
+        {"features": "sae", "sae": "sequence", "topk": True},
+        {"features": "sae", "sae": "sequence", "topk": False},
+    ),
+    (
+        "SARM (truncated at L) >= a full-depth BT reward model (Table 1: SARM-4B above Skywork-8B)",
+        {"features": "sae", "sae": "sequence", "topk": True},
+        {"mode": "full_depth"},
+    ),
 ]
-COLUMNS = ["claim", "table", "winner_by_paper", "loser_by_paper", "score_winner", "score_loser", "difference",
-           "ci_low", "ci_high", "verdict"]
+COLUMNS = [
+    "claim",
+    "table",
+    "winner_by_paper",
+    "loser_by_paper",
+    "score_winner",
+    "score_loser",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "verdict",
+]
 
 
-def _matches(spec: dict, pattern: dict) -> bool:
-    return all(spec.get(key) == value for key, value in pattern.items())
+def typed(specs: dict) -> dict[str, RewardModelSpec]:
+    """Reward-model specs by name, typed (`sarm.variants`): given typed, or as their `as_dict()` (a rule's params)."""
+    return {name: spec if isinstance(spec, RewardModelSpec) else spec_from_dict(name, spec) for name, spec in specs.items()}
 
 
-def comparisons(specs: dict[str, dict]) -> list[tuple[str, str, str]]:
+def comparisons(specs: dict) -> list[tuple[str, str, str]]:
     """(claim, winner, loser) for every pair of trained models that a claim compares. The two must be trained
-    the same way unless the claim is about the training mode; a mode claim between SAE/dense heads keeps the
-    head's features fixed (a full-depth model has none to keep)."""
+    the same way unless the claim is about the training mode; a mode claim between two heads over features keeps
+    the head's features fixed (a sequence classifier has none to keep)."""
+    specs = typed(specs)
     out = []
     for claim, win, lose in CLAIMS:
         about_mode = "mode" in win or "mode" in lose
         for a, spec_a in specs.items():
             for b, spec_b in specs.items():
-                if a == b or not (_matches(spec_a, win) and _matches(spec_b, lose)):
+                if a == b or not (spec_a.matches(win) and spec_b.matches(lose)):
                     continue
-                if not about_mode and spec_a["mode"] != spec_b["mode"]:
+                if not about_mode and spec_a.kind != spec_b.kind:
                     continue
-                if about_mode and "full_depth" not in (spec_a["mode"], spec_b["mode"]) and not _same_head(spec_a, spec_b):
+                if about_mode and spec_a.feature_head and spec_b.feature_head and not _same_head(spec_a, spec_b):
                     continue
                 out.append((claim, a, b))
     return out
 
 
-def _same_head(a: dict, b: dict) -> bool:
-    return all(a.get(key) == b.get(key) for key in ("features", "sae", "topk"))
+def _same_head(a: RewardModelSpec, b: RewardModelSpec) -> bool:
+    return (a.features, a.sae, a.topk) == (b.features, b.sae, b.topk)
 
 
 def pair_weights(scores: pd.DataFrame) -> np.ndarray:
@@ -74,8 +103,14 @@ def category_mean_accuracy(correct: np.ndarray, categories: np.ndarray, weights:
     return float(np.mean([np.average(correct[categories == c], weights=weights[categories == c]) for c in np.unique(categories)]))
 
 
-def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, categories: np.ndarray, draws: int = 2000,
-                     seed: int = 0, weights: np.ndarray | None = None) -> tuple[float, float]:
+def paired_bootstrap(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    categories: np.ndarray,
+    draws: int = 2000,
+    seed: int = 0,
+    weights: np.ndarray | None = None,
+) -> tuple[float, float]:
     """95 % interval of score(a) - score(b), resampling pairs within each category (the same draw for both)."""
     rng = np.random.default_rng(seed)
     weights = np.ones(len(correct_a)) if weights is None else weights
@@ -87,8 +122,9 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, categories: n
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
-def rewardbench2_comparison(a: pd.DataFrame, b: pd.DataFrame, draws: int = 2000,
-                            seed: int = 0) -> tuple[float, float, float, float]:
+def rewardbench2_comparison(
+    a: pd.DataFrame, b: pd.DataFrame, draws: int = 2000, seed: int = 0
+) -> tuple[float, float, float, float]:
     """(score a, score b, 95 % interval of a - b) on a RewardBench 2 table: the official score Table 2 reports
     (best-of-4 per prompt, the Ties formula, the mean of the subsets), prompts resampled within each subset
     (a Ties prompt's ref and tied groups together), the same draw for both models."""
@@ -103,11 +139,27 @@ def rewardbench2_comparison(a: pd.DataFrame, b: pd.DataFrame, draws: int = 2000,
     diffs = np.empty(draws)
     for i in range(draws):
         counts = sum(np.bincount(rng.choice(g, size=len(g)), minlength=len(subsets)) for g in groups)
-        diffs[i] = (rewardbench2_subset_scores(prompts_a, counts)["score"]
-                    - rewardbench2_subset_scores(prompts_b, counts)["score"])
+        diffs[i] = rewardbench2_subset_scores(prompts_a, counts)["score"] - rewardbench2_subset_scores(prompts_b, counts)["score"]
     if np.isnan(diffs).all():  # Ties without a prompt that has both groups: the official score is NaN
         return score_a, score_b, float("nan"), float("nan")
     return score_a, score_b, float(np.nanpercentile(diffs, 2.5)), float(np.nanpercentile(diffs, 97.5))
+
+
+def pair_comparison(a: pd.DataFrame, b: pd.DataFrame, draws: int = 2000, seed: int = 0) -> tuple[float, float, float, float]:
+    """(score a, score b, 95 % interval of a - b) on a table scored pair by pair: the accuracy tables' overall
+    (`category_mean_accuracy`, official v1 subsets at their official weights: RewardBench v1's score), pairs
+    resampled within categories, the same draw for both models."""
+    categories, weights = a["category"].to_numpy(), pair_weights(a)
+    correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
+    correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
+    score_a = category_mean_accuracy(correct_a, categories, weights)
+    score_b = category_mean_accuracy(correct_b, categories, weights)
+    low, high = paired_bootstrap(correct_a, correct_b, categories, draws, seed, weights=weights)
+    return score_a, score_b, low, high
+
+
+# A benchmark's scoring rule (`sarm.schema.Benchmark.scoring`) -> the paired comparison on its score.
+COMPARISONS = {"best_of_n": rewardbench2_comparison, "sections": pair_comparison, "pairs": pair_comparison}
 
 
 def verdict(difference: float, low: float, high: float) -> str:
@@ -118,28 +170,30 @@ def verdict(difference: float, low: float, high: float) -> str:
     return "holds (within noise)" if difference > 0 else "tie" if difference == 0 else "reversed (within noise)"
 
 
-def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict[str, dict], draws: int = 2000) -> pd.DataFrame:
-    """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table. A RewardBench
-    2 table is compared on its official score (`rewardbench2_comparison`), any other on the accuracy tables'
-    overall (`category_mean_accuracy`, pairs resampled within categories)."""
+def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict, draws: int = 2000) -> pd.DataFrame:
+    """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table, compared the
+    way its benchmark is scored (`COMPARISONS`): a RewardBench 2 table on its official score
+    (`rewardbench2_comparison`), any other on the accuracy tables' overall (`pair_comparison`)."""
     rows = []
     for claim, win, lose in comparisons(specs):
         for table in scores[win]:
             a, b = scores[win][table], scores[lose][table]
             if a["id"].tolist() != b["id"].tolist():
                 raise ValueError(f"{win} and {lose} were scored on different pairs of {table}")
-            if benchmark_of(a) == "rewardbench-2":
-                score_a, score_b, low, high = rewardbench2_comparison(a, b, draws)
-            else:
-                categories, weights = a["category"].to_numpy(), pair_weights(a)
-                correct_a = pair_correct(a["score_chosen"], a["score_rejected"]).astype(float)
-                correct_b = pair_correct(b["score_chosen"], b["score_rejected"]).astype(float)
-                score_a = category_mean_accuracy(correct_a, categories, weights)
-                score_b = category_mean_accuracy(correct_b, categories, weights)
-                low, high = paired_bootstrap(correct_a, correct_b, categories, draws, weights=weights)
-            rows.append({
-                "claim": claim, "table": table, "winner_by_paper": win, "loser_by_paper": lose,
-                "score_winner": 100 * score_a, "score_loser": 100 * score_b, "difference": 100 * (score_a - score_b),
-                "ci_low": 100 * low, "ci_high": 100 * high, "verdict": verdict(score_a - score_b, low, high),
-            })
+            compare = COMPARISONS[benchmark(benchmark_of(a)).scoring]
+            score_a, score_b, low, high = compare(a, b, draws)
+            rows.append(
+                {
+                    "claim": claim,
+                    "table": table,
+                    "winner_by_paper": win,
+                    "loser_by_paper": lose,
+                    "score_winner": 100 * score_a,
+                    "score_loser": 100 * score_b,
+                    "difference": 100 * (score_a - score_b),
+                    "ci_low": 100 * low,
+                    "ci_high": 100 * high,
+                    "verdict": verdict(score_a - score_b, low, high),
+                }
+            )
     return pd.DataFrame(rows, columns=COLUMNS).round(1)

@@ -16,12 +16,12 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -90,8 +90,14 @@ def _template_spans(tokenizer, prompt: list[dict], response: str, text: str) -> 
             return None
         at += len(pieces[i])
         # the content as the template shows it: as given, or trimmed (e.g. Llama 3's `| trim`)
-        shown = next((c for c in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip()))
-                      if text.startswith(c + pieces[i + 1], at)), None)
+        shown = next(
+            (
+                c
+                for c in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip()))
+                if text.startswith(c + pieces[i + 1], at)
+            ),
+            None,
+        )
         if shown is None:
             return None
         spans.append((at, at + len(shown)))
@@ -141,11 +147,13 @@ def sentence_final_positions(text: str, offsets: list[tuple[int, int]], spans: l
 def content_positions(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
     """Positions of the tokens that lie inside message content (`sentence_final_positions`' sense): never a BOS,
     a special token of the template or its scaffolding text."""
-    return np.asarray([i for i, (start, end) in enumerate(offsets)
-                       if end > start and any(a <= start and end <= b for a, b in spans)], dtype=np.int64)
+    return np.asarray(
+        [i for i, (start, end) in enumerate(offsets) if end > start and any(a <= start and end <= b for a, b in spans)],
+        dtype=np.int64,
+    )
 
 
-_SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def special_ids(tokenizer) -> frozenset[int]:
@@ -206,8 +214,14 @@ def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> Enc
     # a message the template rewrites beyond trimming is not found: counted (cache meta), not silently dropped
     unlocated = max(0, sum(1 for c in contents if c.strip()) - sum(1 for a, b in spans if b > a))
     cut = max(0, len(ids) - max_length)  # keep the end: the reward is read at the final token
-    return Encoded(np.asarray(ids[cut:], dtype=np.int64), ends[ends >= cut] - cut, cut > 0,
-                   max(0, _response_start(text, offsets, spans, response) - cut), inside[inside >= cut] - cut, unlocated)
+    return Encoded(
+        np.asarray(ids[cut:], dtype=np.int64),
+        ends[ends >= cut] - cut,
+        cut > 0,
+        max(0, _response_start(text, offsets, spans, response) - cut),
+        inside[inside >= cut] - cut,
+        unlocated,
+    )
 
 
 def _response_start(text: str, offsets: list, spans: list[tuple[int, int]], response: str) -> int:
@@ -243,8 +257,18 @@ def text_windows(tokenizer, text: str, max_length: int) -> list[Encoded]:
     return windows
 
 
-def cache_texts(model, tokenizer, texts: pd.DataFrame, out_dir: str | Path, max_length: int, batch_size: int,
-                device: str = "cpu", meta: dict | None = None, corpus: str = "sentence", max_tokens: int | None = None) -> dict:
+def cache_texts(
+    model,
+    tokenizer,
+    texts: pd.DataFrame,
+    out_dir: str | Path,
+    max_length: int,
+    batch_size: int,
+    device: str = "cpu",
+    meta: dict | None = None,
+    corpus: str = "sentence",
+    max_tokens: int | None = None,
+) -> dict:
     """Cache a plain-text SAE corpus (columns id, text): the sentence-final (or, `corpus="token"`, uniformly
     drawn) states of every window of the documents, in order, until `max_tokens` tokens (the token budget;
     None: all documents)."""
@@ -258,13 +282,25 @@ def cache_texts(model, tokenizer, texts: pd.DataFrame, out_dir: str | Path, max_
             encoded.append(window)
             n_tokens += len(window.input_ids)
     if max_tokens is not None and n_tokens < max_tokens:
-        log.warning("the SAE corpus holds %d tokens in %d documents, fewer than its budget sae.corpus.max_tokens = %d: "
-                    "raise sae.corpus.max_documents to reach it", n_tokens, n_documents, max_tokens)
+        log.warning(
+            "the SAE corpus holds %d tokens in %d documents, fewer than its budget sae.corpus.max_tokens = %d: "
+            "raise sae.corpus.max_documents to reach it",
+            n_tokens,
+            n_documents,
+            max_tokens,
+        )
     return cache_sequences(
-        model, tokenizer, pd.DataFrame(rows), out_dir, max_length, batch_size, device,
+        model,
+        tokenizer,
+        pd.DataFrame(rows),
+        out_dir,
+        max_length,
+        batch_size,
+        device,
         meta={**(meta or {}), "corpus": corpus, "source": "text"},
         counts={"n_documents": n_documents, "n_documents_fetched": len(texts), "max_tokens": max_tokens},
-        corpus=corpus, encoded=encoded,
+        corpus=corpus,
+        encoded=encoded,
     )
 
 
@@ -385,8 +421,15 @@ def packed_batches(rows: list[PackedRow], encoded: list[Encoded], batch_size: in
 
 
 @torch.no_grad()
-def forward_packed(model, rows: list[PackedRow], encoded: list[Encoded], pad_id: int, device: str,
-                   with_sentences: bool, standardized: bool = True):
+def forward_packed(
+    model,
+    rows: list[PackedRow],
+    encoded: list[Encoded],
+    pad_id: int,
+    device: str,
+    with_sentences: bool,
+    standardized: bool = True,
+):
     """`forward_batch` over packed rows: (members in row order, final vectors [n, d], sentence vectors per member)."""
     states = standardize if standardized else (lambda h: h.float())
     width = max(row_length(row, encoded) for row in rows)
@@ -414,8 +457,9 @@ def forward_packed(model, rows: list[PackedRow], encoded: list[Encoded], pad_id:
     mask = allowed[:, None]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
-    hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                   use_cache=False).last_hidden_state
+    hidden = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False
+    ).last_hidden_state
 
     def column(i: int, token: np.ndarray) -> np.ndarray:
         r, at, p = where[i]
@@ -433,8 +477,9 @@ def forward_packed(model, rows: list[PackedRow], encoded: list[Encoded], pad_id:
     return members, final, sentences
 
 
-def packing_agrees(model, rows: list[PackedRow], encoded: list[Encoded], pad_id: int, device: str,
-                   standardized: bool = True) -> bool:
+def packing_agrees(
+    model, rows: list[PackedRow], encoded: list[Encoded], pad_id: int, device: str, standardized: bool = True
+) -> bool:
     """Whether this float32 model gives packed rows the states it gives the sequences alone, at every final token,
     to 1e-3 (SmolLM2-135M: 3e-6; with its positions ignored, 0.6): a forward that ignores `position_ids` or a
     custom 4D mask fails."""
@@ -448,7 +493,9 @@ def pair_sequences(pairs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for i, pair in enumerate(pairs.itertuples(index=False)):
         rows.append({"seq": 2 * i, "pair": i, "id": pair.id, "side": "chosen", "prompt": pair.prompt, "response": pair.chosen})
-        rows.append({"seq": 2 * i + 1, "pair": i, "id": pair.id, "side": "rejected", "prompt": pair.prompt, "response": pair.rejected})
+        rows.append(
+            {"seq": 2 * i + 1, "pair": i, "id": pair.id, "side": "rejected", "prompt": pair.prompt, "response": pair.rejected}
+        )
     return pd.DataFrame(rows)
 
 
@@ -504,8 +551,18 @@ def cache_activations(
 ) -> dict:
     """Cache the standardised hidden states of every chosen and rejected sequence of `pairs`."""
     return cache_sequences(
-        model, tokenizer, pair_sequences(pairs), out_dir, max_length, batch_size, device, shard_size,
-        with_sentences, {**(meta or {}), "corpus": corpus}, counts={"n_pairs": len(pairs)}, corpus=corpus,
+        model,
+        tokenizer,
+        pair_sequences(pairs),
+        out_dir,
+        max_length,
+        batch_size,
+        device,
+        shard_size,
+        with_sentences,
+        {**(meta or {}), "corpus": corpus},
+        counts={"n_pairs": len(pairs)},
+        corpus=corpus,
     )
 
 
@@ -548,8 +605,11 @@ def cache_sequences(
         sequences = sequences.drop(columns=["prompt", "response"])
     n_unlocated = sum(e.unlocated for e in encoded)
     if n_unlocated:
-        log.warning("%d message(s) could not be located in their chat-templated text (the template rewrites them "
-                    "beyond trimming): they give no sentence ends", n_unlocated)
+        log.warning(
+            "%d message(s) could not be located in their chat-templated text (the template rewrites them "
+            "beyond trimming): they give no sentence ends",
+            n_unlocated,
+        )
     if corpus == "token":
         encoded = [token_positions(e, seed=i) for i, e in enumerate(encoded)]
     elif corpus != "sentence":
@@ -567,15 +627,21 @@ def cache_sequences(
         if packed:
             return forward_packed(model, batch, encoded, tokenizer.pad_token_id, device, with_sentences, standardized)
         members = [i for row in batch for i in row.members]
-        return members, *forward_batch(model, [encoded[i] for i in members], tokenizer.pad_token_id, device, with_sentences, standardized)
+        return members, *forward_batch(
+            model, [encoded[i] for i in members], tokenizer.pad_token_id, device, with_sentences, standardized
+        )
 
     batches = packed_batches(rows, encoded, batch_size)
     with cpu_workers(device) as pool:
-        for members, final, sentences in tqdm(pool.map(run, batches), total=len(batches), desc=f"layers 1..L -> {out_dir.name}", mininterval=5):
+        for members, final, sentences in tqdm(
+            pool.map(run, batches), total=len(batches), desc=f"layers 1..L -> {out_dir.name}", mininterval=5
+        ):
             bad = [i for i, row in zip(members, final) if not torch.isfinite(row).all()]
             if bad:
-                raise SarmError(f"{out_dir}: the model gave non-finite hidden states for {len(bad)} sequence(s) (e.g. "
-                                f"sequence {bad[0]}); a float16 overflow? try config key model.dtype: float32")
+                raise SarmError(
+                    f"{out_dir}: the model gave non-finite hidden states for {len(bad)} sequence(s) (e.g. "
+                    f"sequence {bad[0]}); a float16 overflow? try config key model.dtype: float32"
+                )
             writer.add(members, final, sentences)
     writer.flush()
     seconds = time.perf_counter() - start
@@ -636,7 +702,9 @@ def _rows(model, encoded, groups, max_length, batch_size, pad_id, device, standa
     if not shared:
         return alone, False
     attention = model.config._attn_implementation
-    if attention in PACKABLE_ATTENTION and packing_agrees(model, shared[:max(1, batch_size // 2)], encoded, pad_id, device, standardized):
+    if attention in PACKABLE_ATTENTION and packing_agrees(
+        model, shared[: max(1, batch_size // 2)], encoded, pad_id, device, standardized
+    ):
         return rows, True
     log.warning("attention %r: shared prompts are not packed (each sequence runs whole)", attention)
     return alone, False
@@ -648,8 +716,10 @@ def _check_states(model, states: dict) -> None:
 
     layer = model.config.num_hidden_layers  # the truncated model's last_hidden_state is hidden_states[layer]
     if states["hidden_states"] != layer:
-        raise SarmError(f"config key sae.pretrained: the SAE's hook {states['hook_name']} reads hidden_states"
-                        f"[{states['hidden_states']}], but config key model.layer = {layer} caches hidden_states[{layer}]")
+        raise SarmError(
+            f"config key sae.pretrained: the SAE's hook {states['hook_name']} reads hidden_states"
+            f"[{states['hidden_states']}], but config key model.layer = {layer} caches hidden_states[{layer}]"
+        )
     check_width(states, model.config.hidden_size, layer)
 
 
@@ -676,8 +746,11 @@ class ActivationCache:
             raise SarmError(f"{self.folder}: {len(self.shards)} shards found, {self.meta['n_shards']} written; re-run its rule")
         self.checksums = self.meta.get(CHECKSUMS)  # None: a cache written before checksums were recorded
         if self.checksums is None:
-            log.warning("%s records no shard checksums (written by an older version): corruption cannot be detected; "
-                        "re-run its rule to add them", self.folder)
+            log.warning(
+                "%s records no shard checksums (written by an older version): corruption cannot be detected; "
+                "re-run its rule to add them",
+                self.folder,
+            )
 
     @property
     def hidden_size(self) -> int:
@@ -688,19 +761,25 @@ class ActivationCache:
         try:
             data = shard.read_bytes()
         except OSError as err:
-            raise SarmError(f"{shard}: unreadable activation shard ({err.strerror}); re-run the rule that cached {self.folder}") from None
+            raise SarmError(
+                f"{shard}: unreadable activation shard ({err.strerror}); re-run the rule that cached {self.folder}"
+            ) from None
         if self.checksums is not None and self.checksums.get(shard.name) != _sha256(data):
-            raise SarmError(f"{shard}: corrupted activation shard (its sha256 differs from the one recorded in "
-                            f"{META_FILE}); delete {self.folder} and re-run the rule that cached it")
+            raise SarmError(
+                f"{shard}: corrupted activation shard (its sha256 differs from the one recorded in "
+                f"{META_FILE}); delete {self.folder} and re-run the rule that cached it"
+            )
         try:
             tensors = load_safetensors(data)
         except (SafetensorError, ValueError) as err:
-            raise SarmError(f"{shard}: corrupt or truncated safetensors ({err}); delete {self.folder} and re-run "
-                            "the rule that cached it") from None
+            raise SarmError(
+                f"{shard}: corrupt or truncated safetensors ({err}); delete {self.folder} and re-run the rule that cached it"
+            ) from None
         for name in ("final", "sent"):
             if name in tensors and not torch.isfinite(tensors[name]).all():
-                raise SarmError(f"{shard}: non-finite values in {name!r}; delete {self.folder} and re-run the rule "
-                                "that cached it")
+                raise SarmError(
+                    f"{shard}: non-finite values in {name!r}; delete {self.folder} and re-run the rule that cached it"
+                )
         return tensors
 
     def final(self) -> torch.Tensor:
@@ -711,8 +790,10 @@ class ActivationCache:
             out[tensors["seq"]] = tensors["final"]
         missing = torch.isnan(out).any(1).nonzero().flatten()
         if len(missing):
-            raise SarmError(f"{self.folder}: {len(missing)} of {len(out)} sequences have no cached vector (the first: "
-                            f"{int(missing[0])}); delete it and re-run the rule that cached it")
+            raise SarmError(
+                f"{self.folder}: {len(missing)} of {len(out)} sequences have no cached vector (the first: "
+                f"{int(missing[0])}); delete it and re-run the rule that cached it"
+            )
         return out
 
     def sentence_shards(self) -> Iterator[torch.Tensor]:

@@ -49,7 +49,9 @@ def read_bon(path: str | Path, max_prompts: int | None = None, seed: int = 0) ->
         if n_candidates is None:
             n_candidates = len(candidates)
         elif len(candidates) != n_candidates:
-            raise _bad_row(path, number, f"{len(candidates)} candidates where row 1 has {n_candidates}; N must be the same for every prompt")
+            raise _bad_row(
+                path, number, f"{len(candidates)} candidates where row 1 has {n_candidates}; N must be the same for every prompt"
+            )
         prompt_id = str(record.get("id", number))
         for position, candidate in enumerate(candidates):
             if not isinstance(candidate, dict) or not {"output", "win_prob_vs_ref"} <= set(candidate):
@@ -60,10 +62,17 @@ def read_bon(path: str | Path, max_prompts: int | None = None, seed: int = 0) ->
                 raise _bad_row(path, number, f"candidate {position}: output is not a string")
             if isinstance(win, bool) or not isinstance(win, (int, float)) or not 0 <= win <= 1:
                 raise _bad_row(path, number, f"candidate {position}: win_prob_vs_ref = {win!r} is not a probability")
-            rows.append({
-                "id": prompt_id, "prompt": [{"role": "user", "content": instruction}], "instruction": instruction,
-                "candidate": position, "response": output, "win_prob": float(win), "n_chars": len(output),
-            })
+            rows.append(
+                {
+                    "id": prompt_id,
+                    "prompt": [{"role": "user", "content": instruction}],
+                    "instruction": instruction,
+                    "candidate": position,
+                    "response": output,
+                    "win_prob": float(win),
+                    "n_chars": len(output),
+                }
+            )
     table = pd.DataFrame(rows)
     ids = table["id"].unique()
     if len(ids) * n_candidates != len(table):
@@ -94,11 +103,16 @@ def win_rates(candidates: pd.DataFrame, scorers: list[str]) -> pd.DataFrame:
             key = {"longest": chars, "shortest": -chars, "oracle": win}.get(name)
             pick = (key if key is not None else _grid(candidates, name)).argmax(1)
             per_prompt, length = win[np.arange(len(win)), pick], chars[np.arange(len(win)), pick]
-        rows.append({
-            "selector": name, "N": win.shape[1], "prompts": len(win),
-            "win_rate": 100 * per_prompt.mean(), "se": 100 * per_prompt.std(ddof=1) / math.sqrt(len(win)) if len(win) > 1 else float("nan"),
-            "mean_length": length.mean(),
-        })
+        rows.append(
+            {
+                "selector": name,
+                "N": win.shape[1],
+                "prompts": len(win),
+                "win_rate": 100 * per_prompt.mean(),
+                "se": 100 * per_prompt.std(ddof=1) / math.sqrt(len(win)) if len(win) > 1 else float("nan"),
+                "mean_length": length.mean(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -137,14 +151,30 @@ def published_results(results_json: str | Path, leaderboard_csv: str | Path | No
             raise SarmError(f"{results_json}: entry {name!r} lacks win_rate / n_total")
         if name.startswith("random_"):
             continue  # single sample-index runs; their mean over all 16 indices comes from the leaderboard
-        rows.append({"selector": name, "N": 16, "prompts": entry["n_total"], "win_rate": entry["win_rate"],
-                     "se": entry.get("standard_error"), "mean_length": entry.get("avg_length")})
+        rows.append(
+            {
+                "selector": name,
+                "N": 16,
+                "prompts": entry["n_total"],
+                "win_rate": entry["win_rate"],
+                "se": entry.get("standard_error"),
+                "mean_length": entry.get("avg_length"),
+            }
+        )
     if leaderboard_csv is not None:
         board = pd.read_csv(leaderboard_csv)
         if not {"model_name", "win_rate", "n_total", "avg_length"} <= set(board.columns):
             raise SarmError(f"{leaderboard_csv}: expected columns model_name, win_rate, n_total, avg_length")
-        rows.append({"selector": "random", "N": 16, "prompts": int(board["n_total"].iloc[0]),
-                     "win_rate": board["win_rate"].mean(), "se": None, "mean_length": board["avg_length"].mean()})
+        rows.append(
+            {
+                "selector": "random",
+                "N": 16,
+                "prompts": int(board["n_total"].iloc[0]),
+                "win_rate": board["win_rate"].mean(),
+                "se": None,
+                "mean_length": board["avg_length"].mean(),
+            }
+        )
     return pd.DataFrame(rows).sort_values("win_rate", ascending=False, kind="stable")
 
 
@@ -168,7 +198,9 @@ def curve_figure(curve: pd.DataFrame, published: pd.DataFrame | None, path: str 
     for name in curve.columns.drop("N"):
         ax.plot(curve["N"], curve[name], styles.get(name, "-"), marker="o" if name not in styles else None, ms=3, label=name)
     if published is not None and len(published):
-        ax.scatter([16] * len(published), published["win_rate"], marker="x", color="grey", label="published best-of-16 (805 prompts)")
+        ax.scatter(
+            [16] * len(published), published["win_rate"], marker="x", color="grey", label="published best-of-16 (805 prompts)"
+        )
     ax.set_xlabel("N (candidates per prompt)")
     ax.set_ylabel("win rate vs reference (%)")
     ax.set_title("Best-of-N on AlpacaEval (Tulu-2-DPO-13B samples, GPT-4-turbo judge)", fontsize=9)
@@ -200,11 +232,13 @@ def score_candidates(reward_models: dict, cache, candidates: pd.DataFrame) -> pd
     scores = candidates[["id", "candidate", "win_prob", "n_chars"]].assign(
         n_tokens=index["n_tokens"].to_numpy(), truncated=index["truncated"].to_numpy()
     )
-    from sarm.reward import check_finite  # not at the top: the reporting rules need no torch
+    from sarm.reward_model import check_finite  # not at the top: the reporting rules need no torch
 
     for name, model in reward_models.items():
         if model.config["hidden_size"] != hidden.shape[1]:
-            raise SarmError(f"reward model {name} reads {model.config['hidden_size']}-wide states, the cache holds {hidden.shape[1]}")
+            raise SarmError(
+                f"reward model {name} reads {model.config['hidden_size']}-wide states, the cache holds {hidden.shape[1]}"
+            )
         scores[name] = model.score_hidden(hidden).numpy()
         check_finite(scores[name], model, f"the cache {cache.folder}")
     return scores

@@ -17,15 +17,16 @@ COMMAND_MODULES: tuple[str, ...] = ("sarm.serve", "sarm.explain")
 def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
     """The flag that allows a reward model's base model to run its own Python code; a folder never can."""
     parser.add_argument(
-        "--trust-remote-code", action="store_true",
+        "--trust-remote-code",
+        action="store_true",
         help="allow the base model's own Python code (transformers' trust_remote_code); only for a model you trust",
     )
 
 
 def _score(args) -> None:
-    from sarm.reward import RewardModel
+    from sarm.reward_model import load_feature_head
 
-    model = RewardModel.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     reward = float(model.score([args.prompt], [args.response])[0])
     if not math.isfinite(reward):  # never printed as a score with exit 0
         raise SarmError(f"{args.model}: the reward is {reward}")

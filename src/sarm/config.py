@@ -10,7 +10,6 @@ import yaml
 
 from sarm.errors import SarmError
 
-
 # A name that becomes one path component (a folder or file name): never `.`, `..`, a separator or a hidden file.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -20,8 +19,11 @@ def check_names(config: dict) -> None:
     (`..` as a data set's name would make its cache folder the parent of every cache)."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     # a scalar that is not a string is the schema's to report (`is not of type 'string'`)
-    named = [(key, [value]) for key, value in (("experiment", config.get("experiment")), ("model.name", model.get("name")))
-             if isinstance(value, str)]
+    named = [
+        (key, [value])
+        for key, value in (("experiment", config.get("experiment")), ("model.name", model.get("name")))
+        if isinstance(value, str)
+    ]
     for key in ("datasets", "reward_models"):
         if isinstance(config.get(key), dict):
             named.append((key, list(config[key])))
@@ -67,26 +69,66 @@ def check(config: dict, schema_path: str | Path) -> None:
         raise SarmError(f"config key {key}: {error.message}")
 
 
-REWARD_MODEL_DEFAULTS = {"features": "sae", "mode": "frozen", "sae": "sequence", "topk": True, "recon_weight": 1.0}
-DEFAULT_REWARD_MODELS = {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}
+def check_references(config: dict) -> None:
+    """What the schema cannot say: cross-references between keys (data sets named by train and eval exist,
+    reserved table names, explain/shift tables, sae.k < sae.width, a model source, sae.pretrained's shape).
+    Call it on the config with its defaults filled in (a missing section reads as its default); raise SarmError
+    naming the key."""
+
+    def section(key: str) -> dict:
+        return config.get(key) if isinstance(config.get(key), dict) else {}
+
+    names = set(config.get("datasets") or {})
+    for key in ("train", "eval"):
+        for name in section(key).get("datasets") or []:
+            if name not in names:
+                raise SarmError(f"config key {key}.datasets: {name!r} is not defined under datasets")
+    evals = section("eval").get("datasets") or []
+    for name in evals:
+        if name in ("train", "val"):
+            raise SarmError(f"config key eval.datasets: {name!r} is reserved for the training tables")
+        if name in ("tokens", "corpus"):  # <activations>/<table> would hold the token-level and plain-text SAE caches
+            raise SarmError(f"config key eval.datasets: {name!r} is reserved for the SAE corpus caches; rename the data set")
+    tables = ["train", "val", *evals]
+    for key in ("explain", "shift"):
+        table = section(key).get("table")
+        if table is not None and table not in tables:  # it becomes a folder of the activation cache
+            raise SarmError(f"config key {key}.table: {table!r} is not one of the tables ({', '.join(tables)})")
+    sae, model = section("sae"), section("model")
+    if sae.get("width") is not None and sae.get("k") is not None and sae["k"] >= sae["width"]:
+        raise SarmError(f"config key sae.k = {sae['k']} must be smaller than sae.width = {sae['width']}")
+    if not (model.get("hub_id") or model.get("path") or model.get("gguf")):
+        raise SarmError("config key model: give at least one of hub_id, path or gguf")
+    pretrained = sae.get("pretrained")
+    if pretrained and not (pretrained.get("path") or {"release", "sae_id"} <= set(pretrained)):
+        raise SarmError("config key sae.pretrained: give {path: ...} or {release: ..., sae_id: ...}")
 
 
-def reward_model_specs(config: dict) -> dict[str, dict]:
-    """Config key `reward_models` with every default filled in, after the checks the schema cannot make
-    (call it on the config as given, before the schema fills in defaults)."""
-    specs = {}
-    for name, given in (config.get("reward_models") or DEFAULT_REWARD_MODELS).items():
-        spec = {**REWARD_MODEL_DEFAULTS, **given}
-        key = f"config key reward_models.{name}"
-        if spec["features"] == "hidden" and ("sae" in given or "topk" in given):
-            raise SarmError(f"{key}: sae and topk apply to features: sae only (this head reads the hidden state)")
-        if spec["mode"] == "joint" and spec["features"] != "sae":
-            raise SarmError(f"{key}.mode: joint trains an SAE, so it needs features: sae")
-        if spec["mode"] == "full_depth" and set(given) - {"mode"}:
-            raise SarmError(f"{key}: a full_depth model is a sequence classifier; give only mode")
-        if spec["mode"] == "full_depth":
-            spec.update(features="hidden", sae=None, topk=None)
-        elif spec["features"] == "hidden":
-            spec.update(sae=None, topk=None)
-        specs[name] = spec
-    return specs
+EXPLAIN_REWARD_MODEL = "sarm"  # config key explain.reward_model's default
+
+
+def explain_reward_model(config: dict, specs: dict) -> str | None:
+    """The reward model whose feature cards, attributions and preference shift the workflow writes (config key
+    explain.reward_model; `specs` from reward_model_specs), or None when there is none to explain. It needs a
+    linear head over SAE latents (features: sae, any mode but full_depth). The default name, `sarm`, is explained
+    when it is such a model and quietly left out otherwise (a config without it has no explain outputs); any other
+    name that is not such a model raises SarmError naming the key."""
+    name = (config.get("explain") or {}).get("reward_model") or EXPLAIN_REWARD_MODEL
+    spec = specs.get(name)
+    if spec is not None and spec.explainable:
+        return name
+    if name == EXPLAIN_REWARD_MODEL:
+        return None
+    if spec is None:
+        problem = f"{name!r} is not one of the reward models ({', '.join(specs)})"
+    else:
+        problem = f"{name!r} (mode {spec.kind}, features {spec.features}) has no SAE head to explain"
+    raise SarmError(f"config key explain.reward_model: {problem}; name a reward model with features: sae")
+
+
+def reward_model_specs(config: dict) -> dict:
+    """Config key `reward_models` as typed specs (`sarm.variants`), after the checks the schema cannot make (call
+    it on the config as given, before the schema fills in defaults)."""
+    from sarm.variants import specs_from_config
+
+    return specs_from_config(config)

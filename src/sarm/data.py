@@ -1,7 +1,7 @@
 """Turn each configured preference data set into one normalised table of (prompt, chosen, rejected) pairs.
 
-A pair table has the columns in `COLUMNS`. `prompt` is the conversation before the judged response, a list
-of `{"role", "content"}` messages; `chosen` and `rejected` are the two final assistant responses.
+A pair table has the columns in `COLUMNS` (`sarm.schema`). `prompt` is the conversation before the judged
+response, a list of `{"role", "content"}` messages; `chosen` and `rejected` are the two final assistant responses.
 Each source format has a row adapter in `FORMATS`; rows an adapter cannot use are skipped and counted.
 
 Optional columns (`OPTIONAL_COLUMNS`) travel with a table when it has them: a RewardBench 2 row (one prompt,
@@ -21,8 +21,9 @@ import re
 import tempfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,18 +31,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sarm.errors import SarmError
-from sarm.rewardbench import BENCHMARK_COLUMN, BENCHMARKS, GROUP_COLUMNS, SECTIONS
+from sarm.schema import (
+    BENCHMARK_COLUMN,
+    BENCHMARKS,
+    COLUMNS,
+    GROUP_COLUMNS,
+    LOCAL,
+    OFFICIAL_SOURCES,
+    OPTIONAL_COLUMNS,
+    SECTIONS,
+    benchmark,
+)
 
 log = logging.getLogger(__name__)
 
-COLUMNS: list[str] = ["id", "prompt", "chosen", "rejected", "subset", "category", "dataset"]
-OPTIONAL_COLUMNS: list[str] = [*GROUP_COLUMNS, BENCHMARK_COLUMN]
-
-# Official benchmarks, recognised by (hub id, split, format) unless the config entry names `benchmark`.
-OFFICIAL_SOURCES: dict[tuple[str, str, str], str] = {
-    ("allenai/reward-bench", "filtered", "rewardbench"): "rewardbench-v1",
-    ("allenai/reward-bench-2", "test", "rewardbench2"): "rewardbench-2",
-}
+# COLUMNS, OPTIONAL_COLUMNS (the pair table) and OFFICIAL_SOURCES (how a hub data set is recognised as an official
+# benchmark: `Benchmark.sources`) come from sarm.schema.
 _V1_SECTION = {subset: section for section, subsets in SECTIONS.items() for subset in subsets}
 
 ROLES = ("system", "user", "assistant")
@@ -128,8 +133,7 @@ def _hh_rlhf(row: dict, name: str, spec: dict) -> dict:
     if chosen_prefix != rejected_prefix:
         raise _Skip("malformed_transcript")
     subset, category = _labels(row, name, spec)
-    return dict(prompt=_parse_hh_prompt(chosen_prefix), chosen=chosen, rejected=rejected,
-                subset=subset, category=category)
+    return dict(prompt=_parse_hh_prompt(chosen_prefix), chosen=chosen, rejected=rejected, subset=subset, category=category)
 
 
 def _rewardbench(row: dict, name: str, spec: dict) -> dict:
@@ -142,8 +146,13 @@ def _rewardbench(row: dict, name: str, spec: dict) -> dict:
     given = row.get("category")
     if not (isinstance(given, str) and given) and not spec.get("category"):
         category = _V1_SECTION.get(subset, category)
-    return dict(prompt=_user_prompt(row.get("prompt")), chosen=_response(row.get("chosen")),
-                rejected=_response(row.get("rejected")), subset=subset, category=category)
+    return dict(
+        prompt=_user_prompt(row.get("prompt")),
+        chosen=_response(row.get("chosen")),
+        rejected=_response(row.get("rejected")),
+        subset=subset,
+        category=category,
+    )
 
 
 def _response_list(value: Any) -> list[str]:
@@ -171,8 +180,15 @@ def _rewardbench2(row: dict, name: str, spec: dict) -> list[dict]:
     subset, category = _labels(row, name, spec)
     c, r = len(chosen), len(rejected)
     return [
-        dict(prompt=prompt, chosen=chosen[k % c], rejected=rejected[k % r], subset=subset, category=category,
-             chosen_index=k % c, rejected_index=k % r)
+        dict(
+            prompt=prompt,
+            chosen=chosen[k % c],
+            rejected=rejected[k % r],
+            subset=subset,
+            category=category,
+            chosen_index=k % c,
+            rejected_index=k % r,
+        )
         for k in range(max(c, r))
     ]
 
@@ -230,8 +246,13 @@ def _llmbar(row: dict, name: str, spec: dict) -> dict:
         raise _Skip("bad_label")
     outputs = {1: _response(row.get("output_1")), 2: _response(row.get("output_2"))}
     subset, category = _labels(row, name, spec)
-    return dict(prompt=_user_prompt(row.get("input")), chosen=outputs[label], rejected=outputs[3 - label],
-                subset=subset, category=category)
+    return dict(
+        prompt=_user_prompt(row.get("input")),
+        chosen=outputs[label],
+        rejected=outputs[3 - label],
+        subset=subset,
+        category=category,
+    )
 
 
 # An adapter returns one pair, or (grouped formats) a list of the pairs of one prompt.
@@ -325,8 +346,9 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return _jsonl_records(path, text) if kind == [".jsonl"] else _json_records(path, text)
 
 
-def load_hub_records(hub_id: str, split: str, config_name: str | None = None, mirror: str | None = None,
-                     revision: str | None = None) -> list[dict]:
+def load_hub_records(
+    hub_id: str, split: str, config_name: str | None = None, mirror: str | None = None, revision: str | None = None
+) -> list[dict]:
     """Rows of a Hugging Face hub data set, read from `mirror/hub_id` when that folder exists, else from the hub."""
     import datasets  # slow to import; only needed for hub data
 
@@ -358,19 +380,21 @@ def _check_spec(name: str, spec: dict) -> None:
     max_pairs = spec.get("max_pairs")
     if max_pairs is not None and (not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1):
         raise SarmError(f"dataset {name}: 'max_pairs' must be a positive integer, got {max_pairs!r}")
-    benchmark = spec.get("benchmark")
-    if benchmark is not None and benchmark not in BENCHMARKS:
-        raise SarmError(f"dataset {name}: 'benchmark' must be one of {list(BENCHMARKS)}, got {benchmark!r}")
-    if benchmark == "rewardbench-2" and spec["format"] != "rewardbench2":
-        raise SarmError(f"dataset {name}: 'benchmark' rewardbench-2 needs 'format' rewardbench2")
+    key = spec.get("benchmark")
+    if key is not None and not (isinstance(key, str) and key in BENCHMARKS):
+        raise SarmError(f"dataset {name}: 'benchmark' must be one of {list(BENCHMARKS)}, got {key!r}")
+    bench = BENCHMARKS.get(key)
+    if bench is not None and bench.format is not None and spec["format"] != bench.format:
+        raise SarmError(f"dataset {name}: 'benchmark' {bench.key} needs 'format' {bench.format}")
 
 
 def benchmark_of_spec(spec: dict) -> str:
-    """The benchmark a configured data set is: its `benchmark` key, else "rewardbench-v1" for allenai/reward-bench
-    (split filtered), "rewardbench-2" for allenai/reward-bench-2 (split test), else "local"."""
+    """The key of the benchmark a configured data set is: its `benchmark` key, else the benchmark whose
+    `sources` hold its (hub, split, format): "rewardbench-v1" for allenai/reward-bench (split filtered),
+    "rewardbench-2" for allenai/reward-bench-2 (split test); else "local"."""
     if spec.get("benchmark"):
         return spec["benchmark"]
-    return OFFICIAL_SOURCES.get((spec.get("hub"), spec.get("split", "train"), spec.get("format")), "local")
+    return OFFICIAL_SOURCES.get((spec.get("hub"), spec.get("split", "train"), spec.get("format")), LOCAL.key)
 
 
 def _sampling_unit(table: pd.DataFrame) -> pd.Series:
@@ -414,8 +438,7 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
         records = read_records(source)
     else:
         source = spec["hub"]
-        records = load_hub_records(source, spec.get("split", "train"), spec.get("config_name"), mirror,
-                                   spec.get("revision"))
+        records = load_hub_records(source, spec.get("split", "train"), spec.get("config_name"), mirror, spec.get("revision"))
     if not records:
         raise SarmError(f"dataset {name}: {source} has no rows")
     columns = set().union(*records)
@@ -452,8 +475,7 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
 
     if skipped:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items()))
-        log.warning("dataset %s: skipped %d of %d rows from %s (%s)", name, sum(skipped.values()), len(records),
-                    source, reasons)
+        log.warning("dataset %s: skipped %d of %d rows from %s (%s)", name, sum(skipped.values()), len(records), source, reasons)
     if not pairs:
         raise SarmError(f"dataset {name}: no valid pairs in {source} ({len(records)} rows read)")
     grouped = "group" in pairs[0]
@@ -465,9 +487,9 @@ def load_pairs(name: str, spec: dict, mirror: str | None = None) -> tuple[pd.Dat
     table = pd.DataFrame(pairs, columns=[*COLUMNS, *GROUP_COLUMNS] if grouped else COLUMNS)
     if grouped and max_pairs is not None:  # a grouped table keeps max_pairs whole prompts
         table = sample_units(table, max_pairs, spec.get("seed", 0))
-    benchmark = benchmark_of_spec(spec)
-    if benchmark != "local":
-        table[BENCHMARK_COLUMN] = benchmark
+    bench = benchmark(benchmark_of_spec(spec))
+    if bench.official:
+        table[BENCHMARK_COLUMN] = bench.key
     return table, {"rows_read": len(records), "pairs_kept": len(table), "skipped": dict(skipped)}
 
 
@@ -532,13 +554,18 @@ def load_texts(spec: dict, mirror: str | None = None) -> pd.DataFrame:
     if "path" in spec:
         source, rows = str(spec["path"]), _iter_records(spec["path"])
     elif "hub" in spec:
-        source, rows = spec["hub"], _stream_hub_records(spec["hub"], spec.get("split", "train"), spec.get("config_name"), mirror, spec.get("revision"))
+        source, rows = (
+            spec["hub"],
+            _stream_hub_records(spec["hub"], spec.get("split", "train"), spec.get("config_name"), mirror, spec.get("revision")),
+        )
     else:
         raise SarmError("config key sae.corpus: give path or hub")
     texts = []
     for number, row in enumerate(rows):
         if field not in row:
-            raise SarmError(f"config key sae.corpus.field: row {number} of {source} has no field {field!r} (it has {sorted(row)})")
+            raise SarmError(
+                f"config key sae.corpus.field: row {number} of {source} has no field {field!r} (it has {sorted(row)})"
+            )
         if isinstance(row[field], str) and row[field].strip():
             texts.append(row[field])
         if limit and len(texts) >= limit:
@@ -578,8 +605,9 @@ def _stream_hub_records(hub_id: str, split: str, config_name: str | None, mirror
     local = Path(mirror) / hub_id if mirror else None
     source = str(local) if local is not None and local.is_dir() else hub_id
     try:
-        yield from datasets.load_dataset(source, name=config_name, split=split, streaming=True,
-                                         **({} if source != hub_id else {"revision": revision}))
+        yield from datasets.load_dataset(
+            source, name=config_name, split=split, streaming=True, **({} if source != hub_id else {"revision": revision})
+        )
     except (OSError, ValueError, FileNotFoundError) as e:
         tried = f"the mirror {local}" if source != hub_id else f"the hub (mirror: {local or 'none configured'})"
         raise SarmError(f"corpus {hub_id}: cannot read it from {tried} ({_one_line(e)})") from None

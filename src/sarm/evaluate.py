@@ -7,7 +7,7 @@ import pandas as pd
 
 from sarm.activations import ActivationCache
 from sarm.errors import SarmError
-from sarm.reward import RewardModel, check_finite
+from sarm.reward_model import RewardModel, check_finite
 from sarm.rewardbench import score_table
 
 

@@ -28,7 +28,7 @@ from sarm import activations, models
 from sarm.errors import SarmError
 
 if TYPE_CHECKING:
-    from sarm.reward import RewardModel
+    from sarm.reward_model import RewardModel, load_feature_head
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,13 @@ def explain(model: RewardModel, hidden: torch.Tensor, top: int = 10, labels: dic
 
         def rows(ids):
             return [
-                {"feature": i, "activation": float(z[i]), "weight": float(model.weight[i]), "contribution": float(c[i]),
-                 **({"label": labels.get(i)} if labels else {})}
+                {
+                    "feature": i,
+                    "activation": float(z[i]),
+                    "weight": float(model.weight[i]),
+                    "contribution": float(c[i]),
+                    **({"label": labels.get(i)} if labels else {}),
+                }
                 for i in ids
             ]
 
@@ -93,11 +98,15 @@ def attribution_table(model: RewardModel, cache: activations.ActivationCache, pa
         raise SarmError(f"{cache.folder} was cached from other pairs than the table given; re-run its rule")
     features, contrib, rewards = attribute(model, cache.final())
     seq, feature = torch.nonzero(contrib, as_tuple=True)
-    table = pd.DataFrame({
-        "seq": seq.numpy(), "feature": feature.numpy(),
-        "activation": features[seq, feature].numpy(), "weight": model.weight[feature].numpy(),
-        "contribution": contrib[seq, feature].numpy(),
-    })
+    table = pd.DataFrame(
+        {
+            "seq": seq.numpy(),
+            "feature": feature.numpy(),
+            "activation": features[seq, feature].numpy(),
+            "weight": model.weight[feature].numpy(),
+            "contribution": contrib[seq, feature].numpy(),
+        }
+    )
     meta = cache.index[["seq", "id", "side"]].merge(pairs[["id", "subset", "category"]], on="id", how="left")
     meta = meta.assign(reward=rewards.numpy()[meta["seq"].to_numpy()])
     table = meta.merge(table, on="seq", how="left")  # a sequence with no active feature keeps one NaN row
@@ -168,10 +177,7 @@ def corpus_contexts(cache: activations.ActivationCache, sae, feature_ids: list[i
         run = np.repeat(starts, np.diff(np.r_[starts, len(sent_seq)]))
         ordinals.append(np.arange(len(sent_seq)) - run)
         seqs.append(sent_seq)
-        z = [
-            sae.encode(chunk.to(sae.W_enc.dtype))[:, cols].float()
-            for chunk in torch.split(tensors["sent"].float(), batch_size)
-        ]
+        z = [sae.encode(chunk.to(sae.W_enc.dtype))[:, cols].float() for chunk in torch.split(tensors["sent"].float(), batch_size)]
         values.append(torch.cat(z))
     if not values:
         return {f: {"top": [], "values": np.zeros(0)} for f in feature_ids}, 0
@@ -190,7 +196,9 @@ def sentence_context(tokenizer, prompt, response: str, ordinal: int, max_length:
     `before` tokens back) to the token, then `after` tokens; recovered by re-tokenising, as cached."""
     enc = activations.encode(tokenizer, list(prompt), response, max_length)
     if ordinal >= len(enc.sentence_ends):
-        raise SarmError(f"cached sentence {ordinal} does not exist in a re-tokenised sequence: the cache was made with another tokenizer or max_length; re-run its rule")
+        raise SarmError(
+            f"cached sentence {ordinal} does not exist in a re-tokenised sequence: the cache was made with another tokenizer or max_length; re-run its rule"
+        )
     pos = int(enc.sentence_ends[ordinal])
     previous = int(enc.sentence_ends[ordinal - 1]) + 1 if ordinal > 0 else 0
     start = max(previous, pos - before)
@@ -211,14 +219,19 @@ def logit_lens(model_dir: str | Path, directions: torch.Tensor, n: int = 10, tru
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    norm = next((getattr(decoder, name) for name in models.FINAL_NORM_NAMES if isinstance(getattr(decoder, name, None), torch.nn.Module)), None)
+    norm = next(
+        (getattr(decoder, name) for name in models.FINAL_NORM_NAMES if isinstance(getattr(decoder, name, None), torch.nn.Module)),
+        None,
+    )
     if norm is None:
         raise SarmError(f"model at {model_dir}: no final norm found among {models.FINAL_NORM_NAMES} for the logit lens")
     logits = lm.get_output_embeddings()(norm(directions.float()))
     out = []
     for row in logits:
         up, down = torch.topk(row, n).indices.tolist(), torch.topk(-row, n).indices.tolist()
-        out.append({"promoted": [_clean(tokenizer.decode([i])) for i in up], "suppressed": [_clean(tokenizer.decode([i])) for i in down]})
+        out.append(
+            {"promoted": [_clean(tokenizer.decode([i])) for i in up], "suppressed": [_clean(tokenizer.decode([i])) for i in down]}
+        )
     return out
 
 
@@ -236,7 +249,8 @@ def feature_stats(
     n_tokens: int = 10,
 ) -> dict:
     """Everything a feature card shows, for the selected features, as a JSON-ready dict."""
-    from sarm.reward import remote_code  # sarm.reward imports this module's neighbours; import it late
+    from sarm.reward_model import remote_code  # sarm.reward imports this module's neighbours; import it late
+
     if model.config["features"] != "sae":
         raise SarmError("feature cards need a SARM reward model (features: sae), not the dense baseline")
     if eval_cache.index.loc[eval_cache.index["side"] == "chosen", "id"].tolist() != eval_pairs["id"].tolist():
@@ -277,24 +291,38 @@ def feature_stats(
             if row.response[-240:] in seen or len(eval_contexts) >= n_contexts:
                 continue
             seen.add(row.response[-240:])
-            eval_contexts.append({
-                "activation": round(float(col[seq]), 4), "contribution": float(col[seq] * model.weight[f]),
-                "id": row.id, "side": row.side, "subset": pair.subset,
-                "prompt": _clean(str(row.prompt[-1]["content"]))[-200:], "response_end": _clean(row.response)[-240:],
-            })
-        cards.append({
-            **p,
-            "weight": float(model.weight[f]),
-            "weight_rank": int((model.weight.abs() > abs(model.weight[f])).sum()) + 1,
-            "fire_chosen": float(chosen_rate[f]), "fire_rejected": float(rejected_rate[f]),
-            "fire_corpus": float(len(corpus[f]["values"]) / n_corpus) if n_corpus else None,
-            "histogram": _histogram([corpus[f]["values"], col[col > 0].numpy()]),
-            "corpus_contexts": contexts, "eval_contexts": eval_contexts, "logit_lens": lens_row,
-        })
+            eval_contexts.append(
+                {
+                    "activation": round(float(col[seq]), 4),
+                    "contribution": float(col[seq] * model.weight[f]),
+                    "id": row.id,
+                    "side": row.side,
+                    "subset": pair.subset,
+                    "prompt": _clean(str(row.prompt[-1]["content"]))[-200:],
+                    "response_end": _clean(row.response)[-240:],
+                }
+            )
+        cards.append(
+            {
+                **p,
+                "weight": float(model.weight[f]),
+                "weight_rank": int((model.weight.abs() > abs(model.weight[f])).sum()) + 1,
+                "fire_chosen": float(chosen_rate[f]),
+                "fire_rejected": float(rejected_rate[f]),
+                "fire_corpus": float(len(corpus[f]["values"]) / n_corpus) if n_corpus else None,
+                "histogram": _histogram([corpus[f]["values"], col[col > 0].numpy()]),
+                "corpus_contexts": contexts,
+                "eval_contexts": eval_contexts,
+                "logit_lens": lens_row,
+            }
+        )
     return {
-        "width": len(model.weight), "max_abs_weight": float(model.weight.abs().max()),
+        "width": len(model.weight),
+        "max_abs_weight": float(model.weight.abs().max()),
         "n_nonzero_weights": int((model.weight != 0).sum()),
-        "n_eval_sequences": len(features), "n_corpus_vectors": n_corpus, "features": cards,
+        "n_eval_sequences": len(features),
+        "n_corpus_vectors": n_corpus,
+        "features": cards,
     }
 
 
@@ -338,7 +366,9 @@ def histogram_png(hist: dict, weight: float) -> str:
 
     edges = np.asarray(hist["edges"])
     fig, ax = plt.subplots(figsize=(4.8, 1.6), dpi=90)
-    for counts, colour, name in zip(hist["counts"], (CORPUS_COLOUR, EVAL_COLOUR), ("SAE corpus (sentence ends)", "eval set (final token)")):
+    for counts, colour, name in zip(
+        hist["counts"], (CORPUS_COLOUR, EVAL_COLOUR), ("SAE corpus (sentence ends)", "eval set (final token)")
+    ):
         counts = np.asarray(counts, dtype=float)
         if counts.sum():
             ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.55, color=colour, label=f"{name}, n={int(counts.sum())}")
@@ -376,7 +406,9 @@ def _card(card: dict, max_abs_weight: float, label: dict | None, n_show: int) ->
         f'<div class="row"><span class="key">fires on rejected</span>{_bar(card["fire_rejected"], "rejected")}<span class="num">{100 * card["fire_rejected"]:.1f}%</span></div>',
     ]
     if card.get("fire_corpus") is not None:
-        parts.append(f'<div class="row"><span class="key">fires in corpus</span><span class="num">{100 * card["fire_corpus"]:.2f}% of sentence ends</span></div>')
+        parts.append(
+            f'<div class="row"><span class="key">fires in corpus</span><span class="num">{100 * card["fire_corpus"]:.2f}% of sentence ends</span></div>'
+        )
     parts.append(f'<img alt="activation histogram of feature {f}" src="{histogram_png(card["histogram"], w)}">')
     lens = card["logit_lens"]
     parts.append("<h3>Logit lens: tokens the decoder direction promotes / suppresses</h3><div>")
@@ -386,14 +418,16 @@ def _card(card: dict, max_abs_weight: float, label: dict | None, n_show: int) ->
     parts.append("</div>")
     parts.append("<h3>Top contexts: SAE corpus (sentence-final token marked)</h3><ol>")
     for c in card["corpus_contexts"][:n_show]:
-        parts.append(f'<li>{e(c["left"])}<mark>{e(c["token"])}</mark>{e(c["right"])} <span class="act">z={c["activation"]:.2f} · {e(c["side"])}</span></li>')
+        parts.append(
+            f'<li>{e(c["left"])}<mark>{e(c["token"])}</mark>{e(c["right"])} <span class="act">z={c["activation"]:.2f} · {e(c["side"])}</span></li>'
+        )
     if not card["corpus_contexts"]:
         parts.append('<li class="why">no sentence-final vector of the corpus fires it</li>')
     parts.append("</ol><h3>Top contexts: evaluation set (the response end, where the reward is read)</h3><ol>")
     for c in card["eval_contexts"][:n_show]:
         parts.append(
             f'<li>…{e(c["response_end"])}<mark>⟨end⟩</mark> <span class="act">z={c["activation"]:.2f} · w·z={c["contribution"]:+.2e} · '
-            f'{e(c["side"])} · {e(c["subset"])}</span></li>'
+            f"{e(c['side'])} · {e(c['subset'])}</span></li>"
         )
     if not card["eval_contexts"]:
         parts.append('<li class="why">no final token of the evaluation set fires it</li>')
@@ -415,7 +449,7 @@ def cards_html(stats: dict, labels: dict | None = None, title: str = "SARM featu
     cards = [_card(c, stats["max_abs_weight"], labels.get(str(c["feature"])), n_show) for c in stats["features"]]
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1><p class=\"intro\">{intro}</p>\n"
+        f'<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1><p class="intro">{intro}</p>\n'
         f'<div class="grid">\n' + "\n".join(cards) + "\n</div></body></html>\n"
     )
 
@@ -428,9 +462,7 @@ def cards_html(stats: dict, labels: dict | None = None, title: str = "SARM featu
 def _command(args) -> None:
     import json
 
-    from sarm.reward import RewardModel
-
-    model = RewardModel.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     feature = check_features([args.feature], len(model.weight), "--feature")[0] if args.feature is not None else None
     labels = None
     if args.labels:
@@ -443,7 +475,12 @@ def _command(args) -> None:
     explanation = explain(model, hidden, args.top, labels)[0]
     if feature is not None:
         z = model.features(hidden)[0, feature]
-        explanation["feature"] = {"feature": feature, "activation": float(z), "weight": float(model.weight[feature]), "contribution": float(z * model.weight[feature])}
+        explanation["feature"] = {
+            "feature": feature,
+            "activation": float(z),
+            "weight": float(model.weight[feature]),
+            "contribution": float(z * model.weight[feature]),
+        }
     print(json.dumps(explanation, indent=1) if args.json else format_explanation(explanation))
 
 

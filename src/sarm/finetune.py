@@ -1,13 +1,9 @@
 """Reward models trained end to end on token ids, with transformers' Trainer (bf16, gradient checkpointing,
 cosine schedule with warm-up, gradient accumulation to a global batch; multi-GPU through accelerate/torchrun).
 
-Modes (config key `reward_models.<name>.mode`):
-- `finetune` (the paper): layers 1..L and the head train, the SAE stays frozen;
-- `joint` (the public recipe): the SAE trains too, with loss BT + recon_weight x normalised reconstruction MSE;
-- `full_depth`: a conventional reward model, AutoModelForSequenceClassification (all layers, final norm,
-  a 1-output score head) trained with the same BT loss.
-`features: hidden` in `finetune` mode is the dense baseline: the head reads the standardised hidden state.
-Every model reads its reward at the final token of the chat-templated prompt + response, as the cached path does.
+The kinds trained here (`finetune`, `joint`, `full_depth`, ...) are `sarm.variants` specs; each builds the module
+trained (`RewardModelSpec.build_trainable`): `SarmForReward` (layers 1..L -> standardise -> SAE latents or the
+hidden state -> head) or `ClassifierForReward` (a full-depth sequence classifier). Every model reads its reward at the final token of the chat-templated prompt + response, as the cached path does.
 
 Several processes (data parallel): the rule's script writes the job's arguments to JSON and starts
 `torchrun --nproc_per_node N -m sarm.finetune job.json` (`sarm.cluster.launch_command`): one process per GPU
@@ -29,25 +25,34 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from sae_lens.saes.topk_sae import TopK
 from torch import nn
-from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sarm import activations, checkpoints, models
 from sarm.cluster import training_memory_mb
 from sarm.errors import SarmError
-from sarm.reward import CONFIG_FILE, RewardModel, base_model_config, bt_loss, messages, model_config, remote_code, set_topk
+from sarm.reward import bt_loss
+from sarm.reward_model import (
+    CLASSIFIER_FORMAT,
+    CONFIG_FILE,
+    RewardModel,
+    _final_states,
+    base_model_config,
+    classifier_rewards,
+    model_config,
+    set_topk,
+)
+from sarm.variants import RewardModelSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 
-TUNED_MODES = ("finetune", "joint", "full_depth")
 BACKBONE_DIR = "backbone"
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + gradient + two Adam moments
 
@@ -73,8 +78,13 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         chosen, rejected = self.items[i]
-        return {"chosen": chosen.input_ids, "rejected": rejected.input_ids, "index": i,
-                "chosen_start": chosen.response_start, "rejected_start": rejected.response_start}
+        return {
+            "chosen": chosen.input_ids,
+            "rejected": rejected.input_ids,
+            "index": i,
+            "chosen_start": chosen.response_start,
+            "rejected_start": rejected.response_start,
+        }
 
 
 class PairCollator:
@@ -92,14 +102,12 @@ class PairCollator:
         response = mask.clone()
         for row, start in enumerate(starts):
             response[row, :start] = 0
-        return {"input_ids": ids, "attention_mask": mask, "response_mask": response,
-                "pair_index": torch.tensor([item["index"] for item in items])}
-
-
-def _final_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The hidden state at each right-padded sequence's last real token."""
-    last = attention_mask.sum(-1) - 1
-    return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "response_mask": response,
+            "pair_index": torch.tensor([item["index"] for item in items]),
+        }
 
 
 # --- the trainable models ---
@@ -163,14 +171,6 @@ class ClassifierForReward(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask=None):
         return _bt_outputs(classifier_rewards(self.classifier, input_ids, attention_mask), None, 0.0)
-
-
-def classifier_rewards(classifier, input_ids, attention_mask) -> torch.Tensor:
-    """Rewards of a sequence classifier at the last real token (HF locates it by pad id, which breaks when the
-    pad token is the end-of-turn token the reward is read at, as in SmolLM2)."""
-    base = getattr(classifier, classifier.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return classifier.score(_final_states(hidden, attention_mask)).squeeze(-1).float()
 
 
 def _stored_dtype(param: torch.Tensor) -> torch.dtype:
@@ -260,12 +260,23 @@ class _History(TrainerCallback):
                 self.log(row)
 
 
-def estimate_memory_mb(n_params: int, n_trainable: int, sequences: int, length: int, config, checkpointing: bool,
-                       on_gpu: bool, shards: int = 1) -> int:
+def estimate_memory_mb(
+    n_params: int, n_trainable: int, sequences: int, length: int, config, checkpointing: bool, on_gpu: bool, shards: int = 1
+) -> int:
     """`cluster.training_memory_mb` for a model config (hidden size, layers, heads): the job's resource request
     and this check before training use the one memory model."""
-    return training_memory_mb(n_params, n_trainable, sequences, length, config.hidden_size, config.num_hidden_layers,
-                              config.num_attention_heads, checkpointing, on_gpu, shards)
+    return training_memory_mb(
+        n_params,
+        n_trainable,
+        sequences,
+        length,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        checkpointing,
+        on_gpu,
+        shards,
+    )
 
 
 def check_fits(estimate_mb: int, available_mb: int | None, where: str) -> None:
@@ -286,7 +297,9 @@ def zero3_config(hidden_size: int) -> dict:
     `pip install -e ".[deepspeed]"`."""
     return {
         "zero_optimization": {
-            "stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
             "reduce_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 10 * hidden_size,
@@ -300,8 +313,9 @@ def zero3_config(hidden_size: int) -> dict:
     }
 
 
-def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: int, device: str, seed: int,
-                       hidden_size: int | None = None) -> TrainingArguments:
+def training_arguments(
+    settings: dict, out_dir: Path, n_train: int, world_size: int, device: str, seed: int, hidden_size: int | None = None
+) -> TrainingArguments:
     """The paper's recipe: bf16, cosine with 3 % warm-up, gradient accumulation to the global batch; ZeRO-3 when
     config key finetune.zero3 is on (`hidden_size` sizes its buckets)."""
     per_device = min(settings["per_device_batch_size"], settings["global_batch_size"])
@@ -335,15 +349,25 @@ def training_arguments(settings: dict, out_dir: Path, n_train: int, world_size: 
 
 
 def finetune_reward_model(
-    spec: dict, settings: dict, model_dir: str | Path, model_spec: dict, train: pd.DataFrame, val: pd.DataFrame,
-    out_dir: str | Path, sae=None, device: str = "auto", seed: int = 0, available_mb: int | None = None,
+    spec: dict,
+    settings: dict,
+    model_dir: str | Path,
+    model_spec: dict,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    out_dir: str | Path,
+    sae=None,
+    device: str = "auto",
+    seed: int = 0,
+    available_mb: int | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> tuple[Path, pd.DataFrame]:
-    """Train one reward model of `spec` (mode finetune | joint | full_depth) and save it as a reward-model folder
-    that `load_reward_model` reads. A job killed mid-run resumes from the Trainer's last epoch checkpoint
+    """Train one reward model of `spec` (an end-to-end kind of `sarm.variants`, or its `as_dict()`) and save it as a
+    reward-model folder that `sarm.reward_model.load` reads. A job killed mid-run resumes from the Trainer's last epoch checkpoint
     (kept in `<out_dir>.checkpoints`). Under torchrun every process runs this; rank 0 writes the folder.
     Returns the folder and the training log."""
     out_dir = Path(out_dir)
+    spec = spec if isinstance(spec, RewardModelSpec) else spec_from_dict(out_dir.name, spec)
     device = models.resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, before any process group
     zero3 = bool(settings.get("zero3")) and world_size > 1
@@ -353,28 +377,47 @@ def finetune_reward_model(
     train, dropped = _whole_batches(train, min(settings["per_device_batch_size"], settings["global_batch_size"]), world_size)
     tokenizer = models.load_tokenizer(model_dir, model_spec.get("chat_template"), model_spec.get("trust_remote_code", False))
     torch.manual_seed(seed)
-    model = _build(spec, model_dir, model_spec, sae, tokenizer)
+    model = spec.build_trainable(model_dir, model_spec, sae, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = PairDataset(tokenizer, train, model_spec["max_length"])
     val_set = PairDataset(tokenizer, val, model_spec["max_length"])
     config = _backbone_config(model)
-    estimate = estimate_memory_mb(n_params, n_trainable, 2 * settings["per_device_batch_size"], model_spec["max_length"],
-                                  config, settings["gradient_checkpointing"], device != "cpu", world_size if zero3 else 1)
+    estimate = estimate_memory_mb(
+        n_params,
+        n_trainable,
+        2 * settings["per_device_batch_size"],
+        model_spec["max_length"],
+        config,
+        settings["gradient_checkpointing"],
+        device != "cpu",
+        world_size if zero3 else 1,
+    )
     if device != "cpu":
         available_mb = torch.cuda.get_device_properties(torch.device(device)).total_memory // 2**20
         check_fits(estimate, available_mb, "GPU")
     else:  # the job's host memory holds every process
         check_fits(estimate * world_size, available_mb, "host" if world_size == 1 else f"host ({world_size} processes)")
-    log.info("%s: %s parameters (%s trained), about %s MB per process at batch %d x %d tokens", spec["mode"],
-             f"{n_params:,}", f"{n_trainable:,}", f"{estimate:,}", settings["per_device_batch_size"], model_spec["max_length"])
+    log.info(
+        "%s: %s parameters (%s trained), about %s MB per process at batch %d x %d tokens",
+        spec.kind,
+        f"{n_params:,}",
+        f"{n_trainable:,}",
+        f"{estimate:,}",
+        settings["per_device_batch_size"],
+        model_spec["max_length"],
+    )
 
     checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoints")
     args = training_arguments(settings, checkpoint_dir, len(train_set), world_size, device, seed, config.hidden_size)
     history = _History(on_log)
     trainer = _BTTrainer(
-        model=model.to(device), args=args, train_dataset=train_set, eval_dataset=val_set,
-        data_collator=PairCollator(tokenizer.pad_token_id), compute_metrics=_pair_accuracy,
+        model=model.to(device),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        compute_metrics=_pair_accuracy,
         callbacks=[history, _FaultPoint()],
     )
     trainer.head_lr = settings.get("head_lr")
@@ -394,14 +437,29 @@ def finetune_reward_model(
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()  # else from_pretrained would build the model sharded again
-            model = _build(spec, model_dir, model_spec, sae, tokenizer)
+            model = spec.build_trainable(model_dir, model_spec, sae, tokenizer)
             model.load_state_dict({k: v.float() for k, v in state.items()})
             trainer.model = model
     if trainer.is_world_process_zero():
         parallel = {"world_size": world_size, "backend": ranks["backend"], "pairs_dropped": dropped}
-        _save(trainer.model, spec, settings, model_dir, model_spec, tokenizer, out_dir, seed,
-              {"val_accuracy": metrics["eval_accuracy"], "val_loss": metrics["eval_loss"], **speed, **parallel,
-               "memory_estimate_mb": estimate}, ranks)
+        _save(
+            trainer.model,
+            spec,
+            settings,
+            model_dir,
+            model_spec,
+            tokenizer,
+            out_dir,
+            seed,
+            {
+                "val_accuracy": metrics["eval_accuracy"],
+                "val_loss": metrics["eval_loss"],
+                **speed,
+                **parallel,
+                "memory_estimate_mb": estimate,
+            },
+            ranks,
+        )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out_dir, pd.DataFrame(history.rows)
 
@@ -414,11 +472,18 @@ def _whole_batches(train: pd.DataFrame, per_device: int, world_size: int) -> tup
     unit = per_device * world_size
     keep = len(train) - len(train) % unit
     if keep == 0:
-        raise SarmError(f"{len(train)} training pairs are fewer than one batch per process ({per_device} x {world_size}); "
-                        "lower finetune.per_device_batch_size or the processes (finetune.gpus / finetune.cpu_processes)")
+        raise SarmError(
+            f"{len(train)} training pairs are fewer than one batch per process ({per_device} x {world_size}); "
+            "lower finetune.per_device_batch_size or the processes (finetune.gpus / finetune.cpu_processes)"
+        )
     if keep < len(train):
-        log.warning("%d processes x %d pairs a batch: the last %d of %d training pairs are dropped", world_size,
-                    per_device, len(train) - keep, len(train))
+        log.warning(
+            "%d processes x %d pairs a batch: the last %d of %d training pairs are dropped",
+            world_size,
+            per_device,
+            len(train) - keep,
+            len(train),
+        )
     return train.iloc[:keep], len(train) - keep
 
 
@@ -440,26 +505,6 @@ def _gather_ranks(trainer: _BTTrainer, train: pd.DataFrame) -> dict:
     else:
         everyone, backend = [mine], None
     return {"world_size": len(everyone), "backend": backend, "ranks": sorted(everyone, key=lambda r: r["rank"])}
-
-
-def _build(spec, model_dir, model_spec, sae, tokenizer) -> nn.Module:
-    trust = model_spec.get("trust_remote_code", False)
-    if spec["mode"] == "full_depth":
-        classifier = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=1, dtype=torch.float32, trust_remote_code=trust, use_safetensors=True
-        )
-        classifier.config.pad_token_id = tokenizer.pad_token_id
-        return ClassifierForReward(classifier)
-    backbone = models.load_truncated(model_dir, model_spec["layer"], torch.float32, "cpu", trust)
-    backbone.train()
-    if spec["features"] == "hidden":
-        return SarmForReward(backbone, backbone.config.hidden_size)
-    if sae is None:
-        raise SarmError(f"reward model mode {spec['mode']} with features sae needs an SAE")
-    sae = copy.deepcopy(sae).float()  # the caller's SAE stays as it was
-    set_topk(sae, spec["topk"])
-    joint = spec["mode"] == "joint"
-    return SarmForReward(backbone, sae.cfg.d_sae, sae, train_sae=joint, recon_weight=spec["recon_weight"] if joint else 0.0)
 
 
 def _backbone_config(model):
@@ -509,22 +554,23 @@ def _export_pad(classifier, tokenizer):
     return tokenizer
 
 
-def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict,
-          ranks: dict) -> None:
+def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path, seed: int, results: dict, ranks: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    training = {"mode": spec["mode"], **settings, "seed": seed, **results}
+    training = {"mode": spec.kind, **settings, "seed": seed, **results}
     if isinstance(model, ClassifierForReward):
         saved_tokenizer = _export_pad(model.classifier, tokenizer)
         model.classifier.save_pretrained(tmp)
         saved_tokenizer.save_pretrained(tmp)
         config = {
-            "format": "hf-sequence-classifier",
+            "format": CLASSIFIER_FORMAT,
             "version": 1,
             "base_model": base_model_config(model_spec, model_dir, "."),
-            "read_at": (f"final token of the chat-templated prompt + response, trailing whitespace dropped; the pad "
-                        f"token {saved_tokenizer.pad_token} (id {saved_tokenizer.pad_token_id}) is in no conversation, "
-                        "so HF's pad-id lookup finds the same token"),
+            "read_at": (
+                f"final token of the chat-templated prompt + response, trailing whitespace dropped; the pad "
+                f"token {saved_tokenizer.pad_token} (id {saved_tokenizer.pad_token_id}) is in no conversation, "
+                "so HF's pad-id lookup finds the same token"
+            ),
             "training": training,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -536,58 +582,17 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
         if sae is not None:
             set_topk(sae, True)  # saved as trained; the config's `topk` switches it at load time
         config = model_config(
-            spec, model_spec, model_dir, model.backbone.config.hidden_size, training, base_path=BACKBONE_DIR,
+            spec.as_dict(),
+            model_spec,
+            model_dir,
+            model.backbone.config.hidden_size,
+            training,
+            base_path=BACKBONE_DIR,
         )
         RewardModel(config, head, sae).save_pretrained(tmp)
     (tmp / RANKS_FILE).write_text(json.dumps(ranks, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-
-
-# --- scoring a full-depth classifier like a RewardModel ---
-
-
-class ClassifierRewardModel:
-    """A trained `full_depth` reward model: scores (prompt, response) text as RewardModel.score does."""
-
-    def __init__(self, path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-        self.path = Path(path)
-        self.config = json.loads((self.path / CONFIG_FILE).read_text())
-        self.device = models.resolve_device(device)
-        self._model = self._tokenizer = None
-        self.trust_remote_code = trust_remote_code  # the caller's decision, never the folder's (sarm.reward.remote_code)
-
-    def _load(self):
-        base = self.config["base_model"]
-        trust = remote_code(base, self.trust_remote_code, self.path)
-        self._tokenizer = models.load_tokenizer(self.path, base.get("chat_template"), trust)
-        dtype = models.resolve_dtype(base["dtype"], self.device)
-        self._model = AutoModelForSequenceClassification.from_pretrained(
-            self.path, dtype=dtype, trust_remote_code=trust
-        ).to(self.device).eval()
-
-    @torch.no_grad()
-    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
-        if self._model is None:
-            self._load()
-        max_length = self.config["base_model"]["max_length"]
-        encoded = [activations.encode(self._tokenizer, messages(p), r, max_length).input_ids for p, r in zip(prompts, responses)]
-        out = np.empty(len(encoded), dtype=np.float64)
-        for batch in activations.length_sorted_batches([len(e) for e in encoded], batch_size):
-            ids, mask = activations.pad_right([encoded[i] for i in batch], self._tokenizer.pad_token_id)
-            out[batch] = classifier_rewards(self._model, ids.to(self.device), mask.to(self.device)).cpu().numpy()
-        return out
-
-
-def load_reward_model(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
-    """Any trained reward model folder: a RewardModel (SARM or dense head) or a full-depth classifier.
-    `trust_remote_code`: allow the base model's own Python code (never taken from the folder)."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists():
-        raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
-    if json.loads((path / CONFIG_FILE).read_text()).get("format") == "hf-sequence-classifier":
-        return ClassifierRewardModel(path, device, trust_remote_code)
-    return RewardModel.from_pretrained(path, device, trust_remote_code)
 
 
 # --- one job in several processes: the rule's script launches this module under torchrun ---
@@ -628,8 +633,18 @@ def run_job(path: str | Path) -> None:
     tracking = job.get("tracking")
     with wandb_run(**tracking) if tracking else nullcontext() as run:  # rank 0's run, None elsewhere
         out, history = finetune_reward_model(
-            job["spec"], job["settings"], job["model_dir"], job["model_spec"], train, val, job["out_dir"], sae, device,
-            job["seed"], job.get("available_mb"), on_log=run.log if run is not None else None,
+            job["spec"],
+            job["settings"],
+            job["model_dir"],
+            job["model_spec"],
+            train,
+            val,
+            job["out_dir"],
+            sae,
+            device,
+            job["seed"],
+            job.get("available_mb"),
+            on_log=run.log if run is not None else None,
         )
     if int(os.environ.get("RANK", "0")) == 0:
         history.to_csv(out / "history.csv", index=False)
@@ -663,8 +678,9 @@ def run_processes(command: list[str], log_path: str | Path, env: dict | None = N
     SarmError."""
     preexec = _set_pdeathsig if sys.platform.startswith("linux") else None
     with open(log_path, "a") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=preexec)
+        proc = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=preexec
+        )
     stopped: list[tuple[int, float]] = []
 
     def stop(signum, frame):  # no waiting here: the loop below waits

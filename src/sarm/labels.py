@@ -20,8 +20,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -139,15 +139,20 @@ class EndpointJudge:
     environment variable `api_key_env`. Redirects are refused; plain http is for a local endpoint only (warned
     otherwise: the key and the excerpts would cross the network in clear)."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 60, max_tokens: int = 60):
+    def __init__(
+        self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 60, max_tokens: int = 60
+    ):
         if not base_url:
             raise SarmError("config key explain.labels.endpoint.base_url: give the endpoint's URL for judge 'openai'")
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SarmError(f"config key explain.labels.endpoint.base_url: {base_url!r} is not an http(s) URL")
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            log.warning("config key explain.labels.endpoint.base_url: %s is plain http to another machine; the API key "
-                        "and the excerpts travel unencrypted (use https)", base_url)
+            log.warning(
+                "config key explain.labels.endpoint.base_url: %s is plain http to another machine; the API key "
+                "and the excerpts travel unencrypted (use https)",
+                base_url,
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.max_tokens = model, timeout_s, max_tokens
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -155,7 +160,14 @@ class EndpointJudge:
         self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def __call__(self, messages: list[dict], attempt: int = 0) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0 if attempt == 0 else 0.7, "max_tokens": self.max_tokens})
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": 0.0 if attempt == 0 else 0.7,
+                "max_tokens": self.max_tokens,
+            }
+        )
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -169,13 +181,22 @@ class LocalJudge:
     """A local instruct model (the offline default): greedy on the first attempt, sampled on retries. The
     assistant turn is prefilled with `Label:`."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", max_new_tokens: int = 24, chat_template: str | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        max_new_tokens: int = 24,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoModelForCausalLM
 
         self.device = models.resolve_device(device)
         self.tokenizer = models.load_tokenizer(path, chat_template, trust_remote_code)
         dtype = models.resolve_dtype("auto", self.device)  # bf16 where native: several times faster on such CPUs
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        )
         self.max_new_tokens = max_new_tokens
         self.name = f"local:{Path(path).name}:{max_new_tokens}"
 
@@ -185,12 +206,16 @@ class LocalJudge:
     @torch.no_grad()
     def many(self, batch: list[list[dict]], attempt: int = 0) -> list[str]:
         """Answers to several prompts in one left-padded `generate` call."""
-        texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + PREFILL + LEAD_IN for m in batch]
+        texts = [
+            self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + PREFILL + LEAD_IN for m in batch
+        ]
         self.tokenizer.padding_side = "left"
         inputs = self.tokenizer(texts, return_tensors="pt", add_special_tokens=False, padding=True).to(self.device)
         sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if attempt else {"do_sample": False}
         torch.manual_seed(attempt)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        out = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling
+        )
         return [PREFILL + self.tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs["input_ids"].shape[1] :]]
 
 
@@ -223,7 +248,9 @@ class LabelCache:
             try:
                 self.entries = json.loads(self.path.read_text())
             except json.JSONDecodeError as err:
-                raise SarmError(f"{self.path}: the label cache is not valid JSON ({err.msg}); delete it to start afresh") from None
+                raise SarmError(
+                    f"{self.path}: the label cache is not valid JSON ({err.msg}); delete it to start afresh"
+                ) from None
 
     @staticmethod
     def key(judge_name: str, messages: list[dict]) -> str:
@@ -241,7 +268,17 @@ class LabelCache:
             os.replace(tmp, self.path)
 
 
-JUDGE_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError)
+JUDGE_ERRORS = (
+    urllib.error.URLError,
+    TimeoutError,
+    ConnectionError,
+    OSError,
+    json.JSONDecodeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    UnicodeDecodeError,
+)
 
 
 def _answers(judge: Callable, batch: list[list[dict]], attempt: int) -> list:
@@ -260,7 +297,9 @@ def _answers(judge: Callable, batch: list[list[dict]], attempt: int) -> list:
     return out
 
 
-def ask(judge: Callable, prompts: dict[str, list[dict]], retries: int = 2, backoff_s: float = 1.0, sleep=time.sleep) -> dict[str, tuple[dict | None, list[str]]]:
+def ask(
+    judge: Callable, prompts: dict[str, list[dict]], retries: int = 2, backoff_s: float = 1.0, sleep=time.sleep
+) -> dict[str, tuple[dict | None, list[str]]]:
     """Ask `judge` each prompt until it gives a parsable answer, at most 1 + `retries` times:
     {name: (answer or None, problems)}. A failed call or an unparsable answer counts as one attempt."""
     result = {name: (None, []) for name in prompts}
@@ -286,8 +325,14 @@ def ask(judge: Callable, prompts: dict[str, list[dict]], retries: int = 2, backo
 
 
 def label_features(
-    cards: list[dict], judge: Callable | None, cache: LabelCache, n_features: int = 8, n_contexts: int = 40,
-    retries: int = 2, backoff_s: float = 1.0, sleep=time.sleep,
+    cards: list[dict],
+    judge: Callable | None,
+    cache: LabelCache,
+    n_features: int = 8,
+    n_contexts: int = 40,
+    retries: int = 2,
+    backoff_s: float = 1.0,
+    sleep=time.sleep,
 ) -> dict[str, dict]:
     """Labels of the first `n_features` cards: {feature (str): {label, score, status, judge}}; status is
     `labelled`, `cached` or `unlabelled` (with `problems`). The run goes on whatever the judge does."""
@@ -295,7 +340,12 @@ def label_features(
     for card in cards[:n_features]:
         feature = str(card["feature"])
         if judge is None:
-            out[feature] = {"label": None, "score": None, "status": "unlabelled", "problems": ["no judge (explain.labels.judge: none)"]}
+            out[feature] = {
+                "label": None,
+                "score": None,
+                "status": "unlabelled",
+                "problems": ["no judge (explain.labels.judge: none)"],
+            }
             continue
         try:
             messages = build_prompt(card, n_contexts)
@@ -320,5 +370,10 @@ def label_features(
             out[feature] = {**entry, "status": "labelled"}
             log.info("feature %s: %r (score %s)", feature, answer["label"], answer["score"])
     counts = {s: sum(v["status"] == s for v in out.values()) for s in ("labelled", "cached", "unlabelled")}
-    log.info("labels: %d asked and labelled, %d from the cache, %d unlabelled", counts["labelled"], counts["cached"], counts["unlabelled"])
+    log.info(
+        "labels: %d asked and labelled, %d from the cache, %d unlabelled",
+        counts["labelled"],
+        counts["cached"],
+        counts["unlabelled"],
+    )
     return out

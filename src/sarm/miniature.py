@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,17 @@ from sarm.errors import SarmError
 
 SKYWORK_COLUMNS = ["chosen", "rejected", "source"]
 REWARDBENCH_COLUMNS = ["prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset", "id"]
-REWARDBENCH2_COLUMNS = ["id", "prompt", "chosen", "rejected", "num_correct", "num_rejected", "total_completions",
-                        "models", "subset"]
+REWARDBENCH2_COLUMNS = [
+    "id",
+    "prompt",
+    "chosen",
+    "rejected",
+    "num_correct",
+    "num_rejected",
+    "total_completions",
+    "models",
+    "subset",
+]
 
 # rewardbench-like subset -> the RewardBench v1 subset it is (all but one are RewardBench's own).
 RB1_SUBSETS = {"mtbench-human": "mt-bench-med"}
@@ -73,11 +83,13 @@ def chat_table(hh_paths: list[str | os.PathLike]) -> pd.DataFrame:
         source = f"hh-rlhf/{Path(path).parent.name}"
         for pair in pairs.itertuples(index=False):
             prompt = [{"role": m["role"], "content": m["content"]} for m in pair.prompt]
-            rows.append({
-                "chosen": [*prompt, {"role": "assistant", "content": pair.chosen}],
-                "rejected": [*prompt, {"role": "assistant", "content": pair.rejected}],
-                "source": source,
-            })
+            rows.append(
+                {
+                    "chosen": [*prompt, {"role": "assistant", "content": pair.chosen}],
+                    "rejected": [*prompt, {"role": "assistant", "content": pair.rejected}],
+                    "source": source,
+                }
+            )
     if not rows:
         raise SarmError(f"no HH-RLHF pairs in {[str(p) for p in hh_paths]}")
     return pd.DataFrame(rows, columns=SKYWORK_COLUMNS)
@@ -94,18 +106,32 @@ def _rb_like(path: str | os.PathLike) -> pd.DataFrame:
 def rewardbench_table(rb_like_path: str | os.PathLike) -> pd.DataFrame:
     """allenai/reward-bench (split filtered) layout from the rewardbench-like pairs."""
     rb = _rb_like(rb_like_path)
-    return pd.DataFrame({
-        "prompt": rb["prompt"], "chosen": rb["chosen"], "chosen_model": UNKNOWN_MODEL,
-        "rejected": rb["rejected"], "rejected_model": UNKNOWN_MODEL,
-        "subset": rb["subset"].map(lambda s: RB1_SUBSETS.get(s, s)),
-        "id": np.arange(len(rb), dtype=np.int64),
-    }, columns=REWARDBENCH_COLUMNS)
+    return pd.DataFrame(
+        {
+            "prompt": rb["prompt"],
+            "chosen": rb["chosen"],
+            "chosen_model": UNKNOWN_MODEL,
+            "rejected": rb["rejected"],
+            "rejected_model": UNKNOWN_MODEL,
+            "subset": rb["subset"].map(lambda s: RB1_SUBSETS.get(s, s)),
+            "id": np.arange(len(rb), dtype=np.int64),
+        },
+        columns=REWARDBENCH_COLUMNS,
+    )
 
 
 def _rb2_row(row_id: str, prompt: str, chosen: list[str], rejected: list[str], subset: str) -> dict:
-    return {"id": row_id, "prompt": prompt, "chosen": list(chosen), "rejected": list(rejected),
-            "num_correct": len(chosen), "num_rejected": len(rejected), "total_completions": len(chosen) + len(rejected),
-            "models": [UNKNOWN_MODEL] * (len(chosen) + len(rejected)), "subset": subset}
+    return {
+        "id": row_id,
+        "prompt": prompt,
+        "chosen": list(chosen),
+        "rejected": list(rejected),
+        "num_correct": len(chosen),
+        "num_rejected": len(rejected),
+        "total_completions": len(chosen) + len(rejected),
+        "models": [UNKNOWN_MODEL] * (len(chosen) + len(rejected)),
+        "subset": subset,
+    }
 
 
 def _ties_rows(pairs: pd.DataFrame) -> list[dict]:
@@ -145,18 +171,19 @@ def rewardbench2_table(rb_like_path: str | os.PathLike, seed: int = 0) -> pd.Dat
     return pd.DataFrame([*rows, *ties], columns=REWARDBENCH2_COLUMNS)
 
 
-BUILDERS = {"chat": "hh_rlhf", "rewardbench": "rewardbench_like", "rewardbench2": "rewardbench_like"}
+# format -> its stand-in from (config key miniature.sources, seed).
+BUILDERS: dict[str, Callable[[dict, int], pd.DataFrame]] = {
+    "chat": lambda sources, seed: chat_table(sources["hh_rlhf"]),
+    "rewardbench": lambda sources, seed: rewardbench_table(sources["rewardbench_like"]),
+    "rewardbench2": lambda sources, seed: rewardbench2_table(sources["rewardbench_like"], seed),
+}
 
 
 def build(fmt: str, sources: dict, seed: int = 0) -> pd.DataFrame:
     """The stand-in of a data set of format `fmt` from `sources` (config key miniature.sources)."""
-    if fmt == "chat":
-        return chat_table(sources["hh_rlhf"])
-    if fmt == "rewardbench":
-        return rewardbench_table(sources["rewardbench_like"])
-    if fmt == "rewardbench2":
-        return rewardbench2_table(sources["rewardbench_like"], seed)
-    raise SarmError(f"miniature: no stand-in for hub data sets of format {fmt!r} (only {', '.join(BUILDERS)})")
+    if fmt not in BUILDERS:
+        raise SarmError(f"miniature: no stand-in for hub data sets of format {fmt!r} (only {', '.join(BUILDERS)})")
+    return BUILDERS[fmt](sources, seed)
 
 
 def write_parquet(table: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -182,9 +182,7 @@ def load_truncated(
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:layer]
     config.use_cache = False
-    model = AutoModel.from_pretrained(
-        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    model = AutoModel.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     for name in FINAL_NORM_NAMES:
         if isinstance(getattr(model, name, None), torch.nn.Module):
             setattr(model, name, torch.nn.Identity())
@@ -201,8 +199,13 @@ def load_backbone(spec: dict, path: str | Path, device: str = "auto"):
     dtype = resolve_dtype(spec["dtype"], device)
     tokenizer = load_tokenizer(path, spec.get("chat_template"), spec.get("trust_remote_code", False))
     model = load_truncated(path, spec["layer"], dtype, device, spec.get("trust_remote_code", False))
-    meta = {"model": spec["name"], "layer": spec["layer"], "dtype": str(dtype).removeprefix("torch."), "device": device,
-            "machine": machine()}
+    meta = {
+        "model": spec["name"],
+        "layer": spec["layer"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "machine": machine(),
+    }
     if spec.get("sae_input"):  # a pretrained SAE's hook and normalisation (sarm.sae_input): what the caches hold
         meta["sae_input"] = spec["sae_input"]
     return tokenizer, model, device, meta

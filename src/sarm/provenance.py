@@ -112,7 +112,9 @@ def collect(config: dict, model_dir: str | Path) -> dict:
         "versions": versions(),
         "machine": machine(),
         "data": {
-            name: {"path": spec["path"], "sha256": sha256(spec["path"])} if "path" in spec else {"hub": spec["hub"], "revision": spec.get("revision")}
+            name: {"path": spec["path"], "sha256": sha256(spec["path"])}
+            if "path" in spec
+            else {"hub": spec["hub"], "revision": spec.get("revision")}
             for name, spec in config["datasets"].items()
         },
         "model": {

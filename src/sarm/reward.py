@@ -1,101 +1,26 @@
-"""The SARM reward model: truncated LM -> standardise -> frozen SAE encoder (TopK latents) -> linear head.
-
-r = sum_i w_i z_i at the final token (no bias, head zero-initialised), trained with the Bradley-Terry loss.
-The dense baseline is the same head on the standardised hidden state itself (`features = "hidden"`).
-A trained model is a folder: `reward_model.json` (all it takes to rebuild it), `head.safetensors` and,
-for SARM, the SAE in sae-lens format under `sae/`. `RewardModel` scores cached hidden states and raw
-(prompt, response) text through the same code.
+"""Training a reward head on cached states: Bradley-Terry, zero-initialised, no bias, on SAE latents (SARM) or the
+standardised hidden state (the dense baseline). The trained model is a `sarm.reward_model.RewardModel`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from sae_lens.saes.topk_sae import TopK
 
-from sarm import activations, checkpoints, models
+from sarm import checkpoints
 from sarm.errors import SarmError
-from sarm.sae import load_sae, save_sae
+from sarm.reward_model import RewardModel, SparseFeatures, model_config
 
-CONFIG_FILE = "reward_model.json"
-HEAD_FILE = "head.safetensors"
-SAE_DIR = "sae"
 HEAD_STATE = "head_state.pt"
-FEATURE_KINDS = ("sae", "hidden")
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), averaged over pairs."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-@dataclass(frozen=True)
-class SparseFeatures:
-    """TopK latents of n rows as (indices [n, k], values [n, k]): row i is zero except values[i] at indices[i].
-
-    What `train_head` needs of a dense [n, width] tensor (`shape`, `len`, row indexing, `@ weight`) works on
-    it with k numbers a row instead of width: 77k pairs x 2 x 65,536 latents take 40 GB dense, 0.24 GB here (k = 192).
-    """
-
-    indices: torch.Tensor  # int32: a row's k latent ids
-    values: torch.Tensor  # float32: their activations (a TopK slot that ReLU zeroed holds 0)
-    width: int  # d_sae
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.indices), self.width))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, rows) -> "SparseFeatures":
-        return SparseFeatures(self.indices[rows], self.values[rows], self.width)
-
-    def __matmul__(self, weight: torch.Tensor) -> torch.Tensor:
-        """features @ weight: sum_j values[i, j] * weight[indices[i, j]] (differentiable in `weight`)."""
-        return (self.values * weight[self.indices]).sum(-1)
-
-    def to_dense(self) -> torch.Tensor:
-        return torch.zeros(self.shape).scatter_(1, self.indices.long(), self.values)
-
-    @property
-    def nbytes(self) -> int:
-        return self.indices.nbytes + self.values.nbytes
-
-
-@torch.no_grad()
-def sae_features(sae, hidden: torch.Tensor, batch_size: int = 1024, sparse: bool = False) -> torch.Tensor | SparseFeatures:
-    """TopK latents of standardised hidden states: [n, d_sae] in float32, or with `sparse` (and a TopK SAE,
-    i.e. one whose cfg has `k`) the same latents as `SparseFeatures`, never holding more than one dense
-    chunk of `batch_size` rows (1024 x 65,536 latents: 0.27 GB)."""
-    dtype, device = sae.W_enc.dtype, sae.W_enc.device
-    topk_on = isinstance(getattr(sae, "activation_fn", None), TopK)  # not when `set_topk` turned it off
-    k = getattr(sae.cfg, "k", None) if sparse and topk_on else None
-    chunks = []
-    for start in range(0, len(hidden), batch_size):
-        z = sae.encode(hidden[start : start + batch_size].to(device, dtype))
-        z = z.to_dense() if z.is_sparse else z
-        if k is None:
-            chunks.append(z.float().cpu())
-        else:
-            values, indices = z.topk(k, dim=-1, sorted=False)  # exactly the non-zeros (plus zeros if ReLU cut some)
-            chunks.append((indices.to(torch.int32).cpu(), values.float().cpu()))
-    if k is None:
-        return torch.cat(chunks) if chunks else torch.zeros(0, sae.cfg.d_sae)
-    return SparseFeatures(
-        torch.cat([i for i, _ in chunks]) if chunks else torch.zeros(0, k, dtype=torch.int32),
-        torch.cat([v for _, v in chunks]) if chunks else torch.zeros(0, k),
-        sae.cfg.d_sae,
-    )
 
 
 def _pairs(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,289 +112,44 @@ def selected_epoch(history: pd.DataFrame) -> int:
     return int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")["epoch"].iloc[0])
 
 
-def strip_trailing(text: str, tokens: list[str]) -> str:
-    """`text` without its trailing `tokens` (tried longest first), in any number, with the whitespace around
-    them (whitespace left before the first is kept): linear in what is stripped (an end index moves left;
-    the text is copied once), where stripping by copies was quadratic."""
-    end = len(text)
-    while True:
-        stop = end
-        while stop and text[stop - 1].isspace():  # what str.rstrip() drops
-            stop -= 1
-        token = next((t for t in tokens if text.endswith(t, 0, stop)), None)
-        if token is None:
-            return text[:end]
-        end = stop - len(token)
-
-
-class RewardModel:
-    """A trained SARM (or dense-baseline) reward model; see the module docstring for its folder."""
-
-    def __init__(self, config: dict, weight: torch.Tensor, sae=None, trust_remote_code: bool = False):
-        if config["features"] not in FEATURE_KINDS:
-            raise SarmError(f"reward model: unknown features {config['features']!r} (one of {FEATURE_KINDS})")
-        if config["features"] == "sae":
-            if sae is None:
-                raise SarmError("a SARM reward model needs its SAE")
-            if sae.cfg.d_sae != len(weight):
-                raise SarmError(f"the SAE has {sae.cfg.d_sae} latents but the head has {len(weight)} weights")
-        self.config, self.weight, self.sae = config, weight.float(), sae
-        if sae is not None:
-            set_topk(sae, config.get("topk", True))
-        self.device = "cpu"
-        self._backbone = self._tokenizer = None
-        # Python shipped with the base model runs only when whoever loads the model says so, never because
-        # the folder's reward_model.json asks for it.
-        self.trust_remote_code = trust_remote_code
-
-    # --- features and scores from cached (standardised) hidden states ---
-    def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor | SparseFeatures:
-        """The head's inputs; with `sparse`, TopK latents as (indices, values) (dense where TopK is off)."""
-        return sae_features(self.sae, hidden, sparse=sparse) if self.config["features"] == "sae" else hidden.float()
-
-    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.features(hidden) @ self.weight
-
-    def contributions(self, features: torch.Tensor) -> torch.Tensor:
-        """w_i * z_i per feature: each row sums to that sequence's reward."""
-        return features * self.weight
-
-    # --- raw text, end to end ---
-    def load_backbone(self, device: str = "cpu") -> None:
-        where = getattr(self, "folder", "reward model")
-        base = {**self.config["base_model"], "trust_remote_code": remote_code(self.config["base_model"], self.trust_remote_code, where)}
-        if not self.backbone_path.exists():
-            raise SarmError(f"{where}: its base model {self.backbone_path} does not exist (was the folder moved to another "
-                            f"machine?); set base_model.path in its {CONFIG_FILE} to the base model folder there")
-        self._tokenizer, self._backbone, self.device, self._backbone_meta = models.load_backbone(base, self.backbone_path, device)
-        if self.sae is not None:
-            self.sae.to(self.device)
-
-    def backbone(self, device: str | None = None) -> tuple:
-        """(tokenizer, truncated model, device, meta) this model reads its states with, loaded as `score` loads them:
-        for a fine-tuned model its own layers 1..L (`backbone/` in its folder). `sarm.activations.cache_sequences`
-        takes them, so that a cache made with them scores as `score` does (a tuned SARM's attributions, cards,
-        preference shift and best-of-N read such caches)."""
-        if self._backbone is None:
-            self.load_backbone(device or self.device)
-        meta = {**self._backbone_meta, "backbone": str(self.backbone_path.resolve())}
-        if self.config.get("sae_input"):  # raw states for a pretrained SAE that normalises them itself
-            meta["sae_input"] = self.config["sae_input"]
-        return self._tokenizer, self._backbone, self.device, meta
-
-    @torch.no_grad()
-    def hidden(self, prompts: list, responses: list[str], batch_size: int = 16) -> torch.Tensor:
-        """Standardised final-token states of each (prompt, response); a prompt is a string or messages."""
-        return self.hidden_encoded(self.encode(prompts, responses), batch_size)
-
-    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
-        """Rewards of (prompt, response) pairs from raw text."""
-        return self.score_hidden(self.hidden(prompts, responses, batch_size)).numpy()
-
-    def encode(self, prompts: list, responses: list[str]) -> list[activations.Encoded]:
-        """Chat-templated, left-truncated token ids of each (prompt, response), as `hidden` reads them."""
-        if len(prompts) != len(responses):
-            raise SarmError(f"{len(prompts)} prompts but {len(responses)} responses")
-        if self._backbone is None:
-            self.load_backbone(self.device)
-        max_length = self.config["base_model"]["max_length"]
-        return [activations.encode(self._tokenizer, messages(p), r, max_length) for p, r in zip(prompts, responses)]
-
-    def encode_texts(self, texts: list[str]) -> list[activations.Encoded]:
-        """Token ids of conversations already rendered with the chat template (e.g. OpenRLHF's queries).
-
-        Trailing whitespace and trailing end-of-turn / EOS / pad tokens are dropped and one end-of-turn token
-        is put back, so the reward is read where `encode` reads it whether or not the text ends in it (and
-        however much padding follows): the chat-templated text of (prompt, response) scores as `score` does.
-        """
-        if self._backbone is None:
-            self.load_backbone(self.device)
-        end, trailing = self._end_of_turn()
-        max_length = self.config["base_model"]["max_length"]
-        out = []
-        for text in texts:
-            out.append(activations.encode_text(self._tokenizer, strip_trailing(text, trailing) + end, max_length))
-        return out
-
-    def _end_of_turn(self) -> tuple[str, list[str]]:
-        """The token that closes an assistant turn in this chat template, and the tokens to strip at a text's end."""
-        if getattr(self, "_eot", None) is None:
-            rendered = activations.render(self._tokenizer, [{"role": "user", "content": "x"}], "y")
-            end = self._tokenizer.decode([self._tokenizer(rendered, add_special_tokens=False)["input_ids"][-1]])
-            specials = {end, self._tokenizer.eos_token, self._tokenizer.pad_token}
-            self._eot = end, sorted((t for t in specials if t), key=len, reverse=True)
-        return self._eot
-
-    @torch.no_grad()
-    def hidden_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> torch.Tensor:
-        """Standardised final-token states of already tokenised sequences, in length-sorted batches."""
-        if self._backbone is None:
-            self.load_backbone(self.device)
-        out = torch.empty(len(encoded), self.config["hidden_size"])
-        for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
-            final, _ = activations.forward_batch(
-                self._backbone, [encoded[i] for i in batch], self._tokenizer.pad_token_id, self.device, False,
-                self.standardized,
-            )
-            out[batch] = final
-        return out
-
-    @property
-    def standardized(self) -> bool:
-        """Whether the head reads per-token standardised states (False: raw, for a public SAE that normalises itself)."""
-        return self.config.get("standardize", {}).get("per_token", True)
-
-    def score_texts(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
-        """Rewards of conversations already rendered with the chat template (see `encode_texts`)."""
-        return self.score_hidden(self.hidden_encoded(self.encode_texts(texts), batch_size)).numpy()
-
-    # --- persistence ---
-    def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous()}, path / HEAD_FILE)
-        config = json.loads(json.dumps(self.config))
-        if not Path(config["base_model"]["path"]).is_absolute() and not (path / config["base_model"]["path"]).exists():
-            config["base_model"]["path"] = str(self.backbone_path.resolve())  # an edited copy saved elsewhere
-        if self.sae is not None:
-            save_sae(self.sae, path / SAE_DIR)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> "RewardModel":
-        """The model saved in folder `path`. `trust_remote_code`: allow the base model's own Python code (the
-        caller's decision: the folder's `base_model.trust_remote_code` alone never runs it)."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).exists():
-            raise SarmError(f"{path} is not a reward model folder (no {CONFIG_FILE})")
-        try:
-            config = json.loads((path / CONFIG_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SarmError(f"{path / CONFIG_FILE}: not valid JSON ({type(err).__name__}); re-run the rule that trained it") from None
-        weight = _load_head(path / HEAD_FILE)
-        sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
-        model = cls(config, weight, sae, trust_remote_code)
-        model.device = models.resolve_device(device)
-        model.folder = path
-        return model
-
-    @property
-    def backbone_path(self) -> Path:
-        """The base model folder; a relative path (a fine-tuned backbone saved inside the model) is read
-        relative to the reward-model folder."""
-        path = Path(self.config["base_model"]["path"])
-        return path if path.is_absolute() else Path(getattr(self, "folder", ".")) / path
-
-
-def _load_head(path: Path) -> torch.Tensor:
-    """The head's weights, with one line naming the file when it is missing, corrupt, truncated or not finite."""
-    try:
-        weight = load_file(path)["weight"]
-    except FileNotFoundError:
-        raise SarmError(f"{path}: missing; re-run the rule that trained this reward model") from None
-    except (SafetensorError, KeyError, OSError) as err:
-        raise SarmError(f"{path}: corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                        "re-run the rule that trained this reward model") from None
-    if not torch.isfinite(weight).all():
-        raise SarmError(f"{path}: non-finite weights; re-run the rule that trained this reward model")
-    return weight
-
-
-def check_finite(rewards, model, source) -> None:
-    """Stop on a non-finite reward, naming the model and where its inputs came from: a NaN score would count as
-    a wrong pair (or a lost best-of-N pick) with exit 0. (RL's reward function says it its own way.)"""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(rewards))
-    if len(bad):
-        where = getattr(model, "folder", None) or getattr(model, "path", None) or "the reward model"
-        raise SarmError(f"{where}: {len(bad)} of {len(rewards)} rewards from {source} are not finite (the first: "
-                        f"sequence {int(bad[0])}); its weights or inputs hold NaN or inf")
-
-
-def remote_code(base: dict, allowed: bool, where) -> bool:
-    """Whether to run the Python code a base model ships (transformers' trust_remote_code): `allowed`, the decision
-    of whoever loads the model. A folder whose `base_model.trust_remote_code` asks for it while the caller did not
-    allow it is refused with one line saying how to allow it."""
-    if base.get("trust_remote_code") and not allowed:
-        raise SarmError(f"{where}: its base model runs its own Python code (base_model.trust_remote_code in its "
-                        f"{CONFIG_FILE}); allow it only if you trust {base.get('path')}: --trust-remote-code on the "
-                        "command line, trust_remote_code=True in Python")
-    return allowed
-
-
-def messages(prompt) -> list[dict]:
-    """A prompt as chat messages: a string becomes one user turn."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def set_topk(sae, enabled: bool) -> None:
-    """TopK on (the SAE as trained) or off, as the public recipe (`sarm_use_topk=false`): the head reads every
-    latent's signed pre-activation W_enc (x - b_pre) + b_enc, no ReLU, no sparsity. sae-lens applies
-    `activation_fn` inside `encode`, so nothing else changes."""
-    k = getattr(sae.cfg, "k", None)
-    if k is None:
-        return  # not a TopK SAE (e.g. a pretrained ReLU SAE): nothing to switch
-    sae.activation_fn = TopK(k) if enabled else torch.nn.Identity()
-
-
-def base_model_config(model_spec: dict, model_dir, path: str | None = None) -> dict:
-    """What a reward model records of its base model: where its backbone is (`path`, default the base model
-    folder; a relative path is inside the reward-model folder), where it came from, and how it is read."""
-    return {
-        "name": model_spec["name"],
-        "path": path or str(Path(model_dir).resolve()),
-        "source": str(Path(model_dir).resolve()),
-        "hub_id": model_spec.get("hub_id"),
-        "layer": model_spec["layer"],
-        "dtype": model_spec["dtype"],
-        "max_length": model_spec["max_length"],
-        "chat_template": model_spec.get("chat_template"),
-        "trust_remote_code": model_spec.get("trust_remote_code", False),
-    }
-
-
-def model_config(spec: dict, model_spec: dict, model_dir, hidden_size: int, training: dict, base_path: str | None = None,
-                 sae_input: dict | None = None) -> dict:
-    """The `reward_model.json` of a SARM or dense-head model: all it takes to rebuild and score it.
-    `base_path`: a backbone saved inside the model folder (fine-tuned modes), relative to it. `sae_input`: the
-    cached states' hook and normalisation, when a pretrained SAE chose them (sarm.sae_input; raw states are kept)."""
-    config = {
-        "format": "sarm-reward-model",
-        "version": 1,
-        "features": spec["features"],
-        "sae_kind": spec.get("sae", "sequence") if spec["features"] == "sae" else None,
-        "topk": spec.get("topk", True),
-        "hidden_size": hidden_size,
-        "base_model": base_model_config(model_spec, model_dir, base_path),
-        "standardize": {"per_token": True, "eps": activations.STANDARDIZE_EPS},
-        "read_at": "final token of the chat-templated prompt + response",
-        "training": training,
-    }
-    if sae_input is not None:
-        config["sae_input"] = sae_input
-        if not sae_input["standardize"]:
-            config["standardize"] = {"per_token": False}
-    return config
-
-
 def fit_reward_model(
-    spec: dict, train, val, model_dir: str | Path, model_spec: dict, settings: dict, sae=None, seed: int = 0, log=None,
+    spec: dict,
+    train,
+    val,
+    model_dir: str | Path,
+    model_spec: dict,
+    settings: dict,
+    sae=None,
+    seed: int = 0,
+    log=None,
     checkpoint_root: str | Path | None = None,
 ) -> tuple[RewardModel, pd.DataFrame]:
     """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
     `spec` is the config's reward-model entry (features, sae, topk). With `checkpoint_root`, a run cut short
     resumes from its last epoch."""
     training = {"mode": "frozen", "cached": True, **settings, "seed": seed}
-    config = model_config(spec, {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])}, model_dir, train.hidden_size, training,
-                          sae_input=train.meta.get("sae_input"))
+    config = model_config(
+        spec,
+        {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
+        model_dir,
+        train.hidden_size,
+        training,
+        sae_input=train.meta.get("sae_input"),
+    )
     features = spec["features"]
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
         checkpoint_root = checkpoints.open_root(checkpoint_root, {**config, "train": train.meta, "val": val.meta})
     weight, history = train_head(
-        shell.features(train.final(), sparse=True), shell.features(val.final(), sparse=True),
-        settings["epochs"], settings["lr"], settings["batch_size"], settings["weight_decay"], seed, log, checkpoint_root,
+        shell.features(train.final(), sparse=True),
+        shell.features(val.final(), sparse=True),
+        settings["epochs"],
+        settings["lr"],
+        settings["batch_size"],
+        settings["weight_decay"],
+        seed,
+        log,
+        checkpoint_root,
     )
     best = history.loc[selected_epoch(history) - 1]
     config["training"]["selected_epoch"] = int(best["epoch"])

@@ -5,6 +5,9 @@ score_rejected``; a pair is right when the chosen response scores strictly highe
 RewardBench 2 tables also carry ``group, chosen_index, rejected_index`` (`GROUP_COLUMNS`):
 the pairs of one prompt share its ``group`` and together score each of its completions at
 least once. A table measured on an official benchmark carries a ``benchmark`` column.
+
+The columns and the benchmarks' records live in `sarm.schema`; `summarize` scores a table by its benchmark's
+scoring rule (`Benchmark.scoring`, a key of `SCORERS`).
 """
 
 from __future__ import annotations
@@ -15,97 +18,25 @@ import numpy as np
 import pandas as pd
 
 from sarm.errors import SarmError
+from sarm.schema import (
+    BENCHMARK_COLUMN,
+    BENCHMARKS,
+    EXAMPLE_COUNTS,
+    GROUP_COLUMNS,
+    LOCAL,
+    PAIR_COLUMNS,
+    PASS_THROUGH,
+    SCORE_COLUMNS,
+    SECTIONS,
+    V2_PROMPTS,
+    Benchmark,
+    benchmark,
+)
+from sarm.schema import V1_PAIRS as V1_PAIRS  # re-exported
 
-# RewardBench v1's official constants, from allenai/reward-bench
-# rewardbench/constants.py (EXAMPLE_COUNTS, SUBSET_MAPPING), commit a32e272b3e01,
-# and the section formula of rewardbench/utils.py calculate_scores_per_section.
-# math-prm is up-weighted to 984 (it has 447 pairs: "upweighting to be equal to code",
-# 6 x 164) so that math and code each count half in Reasoning.
-# xstest: that constants.py lists should-refuse 250 / should-respond 154, the two
-# swapped against the subsets' real sizes (154 / 250, the denominators of every
-# published per-subset accuracy). The published leaderboard reproduces only with the
-# real sizes (mightbe/Better-PairRM Safety 0.8203; 0.8321 with the swapped counts),
-# so the real sizes are used here, as in most copies of these constants.
-EXAMPLE_COUNTS: dict[str, int] = {
-    "alpacaeval-easy": 100,
-    "alpacaeval-length": 95,
-    "alpacaeval-hard": 95,
-    "mt-bench-easy": 28,
-    "mt-bench-med": 40,
-    "mt-bench-hard": 37,
-    "math-prm": 984,
-    "refusals-dangerous": 100,
-    "refusals-offensive": 100,
-    "llmbar-natural": 100,
-    "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92,
-    "llmbar-adver-GPTOut": 47,
-    "llmbar-adver-manual": 46,
-    "xstest-should-refuse": 154,
-    "xstest-should-respond": 250,
-    "donotanswer": 136,
-    "hep-cpp": 164,
-    "hep-go": 164,
-    "hep-java": 164,
-    "hep-js": 164,
-    "hep-python": 164,
-    "hep-rust": 164,
-}
-
-SECTIONS: dict[str, list[str]] = {
-    "Chat": [
-        "alpacaeval-easy",
-        "alpacaeval-length",
-        "alpacaeval-hard",
-        "mt-bench-easy",
-        "mt-bench-med",
-    ],
-    "Chat Hard": [
-        "mt-bench-hard",
-        "llmbar-natural",
-        "llmbar-adver-neighbor",
-        "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut",
-        "llmbar-adver-manual",
-    ],
-    "Safety": [
-        "refusals-dangerous",
-        "refusals-offensive",
-        "xstest-should-refuse",
-        "xstest-should-respond",
-        "donotanswer",
-    ],
-    "Reasoning": [
-        "math-prm",
-        "hep-cpp",
-        "hep-go",
-        "hep-java",
-        "hep-js",
-        "hep-python",
-        "hep-rust",
-    ],
-}
-
-# RewardBench 2 (allenai/reward-bench-2, split test: 1,865 prompts; dataset card and arXiv 2506.01937).
-V2_PROMPTS: dict[str, int] = {
-    "Factuality": 475,
-    "Precise IF": 160,
-    "Math": 183,
-    "Safety": 450,
-    "Focus": 495,
-    "Ties": 102,
-}
+# The tables' columns and the official benchmarks' constants live in sarm.schema; re-exported here for the
+# modules and tests that read them from the scoring module.
 V2_SUBSETS = list(V2_PROMPTS)
-# Pairs per v1 subset in the `filtered` split (2,985): EXAMPLE_COUNTS but math-prm's real 447.
-V1_PAIRS: dict[str, int] = {**EXAMPLE_COUNTS, "math-prm": 447}
-
-BENCHMARKS = ("rewardbench-v1", "rewardbench-2", "local")
-BENCHMARK_COLUMN = "benchmark"
-GROUP_COLUMNS = ["group", "chosen_index", "rejected_index"]
-PASS_THROUGH = [*GROUP_COLUMNS, BENCHMARK_COLUMN]  # optional columns a score table keeps from its pairs
-
-SCORE_COLUMNS = ["id", "subset", "category", "score_chosen", "score_rejected"]
-PAIR_COLUMNS = ["id", "subset", "category", "chosen", "rejected"]
 SUBSET_COLUMNS = ["category", "subset", "n", "accuracy"]
 
 
@@ -134,14 +65,8 @@ def subset_table(scores: pd.DataFrame) -> pd.DataFrame:
         name = shared.index[0]
         found = sorted(scores.loc[scores["subset"] == name, "category"].unique())
         raise SarmError(f"subset {name!r} appears under several categories: {found}")
-    table = scores[["category", "subset"]].assign(
-        correct=pair_correct(scores["score_chosen"], scores["score_rejected"])
-    )
-    out = (
-        table.groupby(["category", "subset"], sort=True)["correct"]
-        .agg(n="size", accuracy="mean")
-        .reset_index()
-    )
+    table = scores[["category", "subset"]].assign(correct=pair_correct(scores["score_chosen"], scores["score_rejected"]))
+    out = table.groupby(["category", "subset"], sort=True)["correct"].agg(n="size", accuracy="mean").reset_index()
     return out.astype({"n": int, "accuracy": float})[SUBSET_COLUMNS]
 
 
@@ -317,10 +242,13 @@ def ties_from_prompts(prompts: pd.DataFrame, weights=None) -> dict:
         present = ~np.isnan(values) & (w > 0)
         return float(np.sum(w[present] * values[present]) / np.sum(w[present])) if present.any() else empty
 
-    parts = {"ref_accuracy": mean("ref_accurate", 0.0), "tied_accuracy": mean("tied_accurate", 0.0),
-             "correctness_preferred": mean("preferred", math.nan),
-             "correctness_preferred_hard": mean("preferred_hard", math.nan),
-             "correctness_margin_score": mean("margin_score", math.nan)}
+    parts = {
+        "ref_accuracy": mean("ref_accurate", 0.0),
+        "tied_accuracy": mean("tied_accurate", 0.0),
+        "correctness_preferred": mean("preferred", math.nan),
+        "correctness_preferred_hard": mean("preferred_hard", math.nan),
+        "correctness_margin_score": mean("margin_score", math.nan),
+    }
     parts["score"] = (
         0.30 * parts["tied_accuracy"]
         + 0.30 * parts["ref_accuracy"]
@@ -348,8 +276,7 @@ def ties_score(completions: pd.DataFrame) -> dict:
     parts = ties_from_prompts(prompts)
     shared = int(prompts["preferred"].notna().sum())
     ordered = ["ref_accuracy", "tied_accuracy"]
-    return {**{k: parts[k] for k in ordered}, "shared_prompts": shared,
-            **{k: v for k, v in parts.items() if k not in ordered}}
+    return {**{k: parts[k] for k in ordered}, "shared_prompts": shared, **{k: v for k, v in parts.items() if k not in ordered}}
 
 
 PROMPT_COLUMNS = ["subset", "prompt", "result", *TIES_PARTS]
@@ -374,9 +301,13 @@ def rewardbench2_prompts(scores: pd.DataFrame) -> pd.DataFrame:
         per_prompt = []
         for group, members in rows.groupby("group", sort=False):
             ordered = members.sort_values("index")
-            per_prompt.append({"subset": subset, "prompt": group,
-                               "result": best_of_n(ordered.loc[ordered["correct"], "score"],
-                                                   ordered.loc[~ordered["correct"], "score"])})
+            per_prompt.append(
+                {
+                    "subset": subset,
+                    "prompt": group,
+                    "result": best_of_n(ordered.loc[ordered["correct"], "score"], ordered.loc[~ordered["correct"], "score"]),
+                }
+            )
         frames.append(pd.DataFrame(per_prompt).assign(**{part: math.nan for part in TIES_PARTS}))
     return pd.concat(frames, ignore_index=True)[PROMPT_COLUMNS]
 
@@ -416,19 +347,55 @@ def rewardbench2_scores(scores: pd.DataFrame) -> dict:
 
 
 def benchmark_of(scores: pd.DataFrame) -> str:
-    """The benchmark a score table was measured on: its `benchmark` column, else "local"."""
+    """The key of the benchmark a score table was measured on (`sarm.schema.BENCHMARKS`): its `benchmark`
+    column, else "local"."""
     if BENCHMARK_COLUMN not in scores.columns:
-        return "local"
+        return LOCAL.key
     found = scores[BENCHMARK_COLUMN].dropna().unique().tolist()
     if len(found) == 1 and found[0] in BENCHMARKS and scores[BENCHMARK_COLUMN].notna().all():
         return found[0]
     if not found:
-        return "local"
+        return LOCAL.key
     raise SarmError(f"score table mixes benchmarks or holds an unknown one: {sorted(map(str, found))}")
 
 
 def _json_number(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _rewardbench2_summary(bench: Benchmark, scores: pd.DataFrame, subsets: pd.DataFrame, categories: pd.DataFrame) -> dict:
+    """RewardBench 2's summary keys: the six subset scores (best-of-4, Ties) and ``score``, ``n_prompts``,
+    ``complete`` and the parts of the Ties score."""
+    v2 = rewardbench2_scores(scores)
+    out = {
+        "benchmark_scores": {key: _json_number(value) for key, value in v2["scores"].items()},
+        "n_prompts": v2["n_prompts"],
+        "complete": v2["n_prompts"] == dict(bench.sizes),
+    }
+    if v2["ties"] is not None:
+        out["ties"] = {key: _json_number(value) for key, value in v2["ties"].items()}
+    return out
+
+
+def _sections_summary(bench: Benchmark, scores: pd.DataFrame, subsets: pd.DataFrame, categories: pd.DataFrame) -> dict:
+    """RewardBench v1's summary keys: the four section scores and ``score``, and ``complete``."""
+    unknown = sorted(set(subsets["subset"]) - set(EXAMPLE_COUNTS))
+    if unknown:
+        raise SarmError(f"subset {unknown[0]!r} is not a {bench.name} subset")
+    accuracy = dict(zip(subsets["subset"], subsets["accuracy"]))
+    return {
+        "benchmark_scores": rewardbench_v1_sections(accuracy),
+        "complete": dict(zip(subsets["subset"], subsets["n"])) == dict(bench.sizes),
+    }
+
+
+def _pairs_summary(bench: Benchmark, scores: pd.DataFrame, subsets: pd.DataFrame, categories: pd.DataFrame) -> dict:
+    """A local set's summary keys: its category accuracies and ``overall``; ``complete`` null."""
+    return {"benchmark_scores": dict(zip(categories["category"], categories["accuracy"])), "complete": None}
+
+
+# A benchmark's scoring rule (`Benchmark.scoring`) -> the summary keys it adds (`summarize`).
+SCORERS = {"best_of_n": _rewardbench2_summary, "sections": _sections_summary, "pairs": _pairs_summary}
 
 
 def summarize(scores: pd.DataFrame, model: str) -> dict:
@@ -437,35 +404,20 @@ def summarize(scores: pd.DataFrame, model: str) -> dict:
 
     ``benchmark`` is "rewardbench-2", "rewardbench-v1" or "local" (`benchmark_of`); ``benchmark_scores`` holds
     RewardBench 2's six subset scores and ``score`` (their mean), RewardBench v1's four section scores and
-    ``score`` (their mean), or a local set's category accuracies and ``overall``. ``complete`` says whether an
-    official benchmark was scored in full (every subset at its official size); null for local sets.
+    ``score`` (their mean), or a local set's category accuracies and ``overall``: its record's scoring rule
+    (`sarm.schema.Benchmark.scoring`, a key of `SCORERS`). ``complete`` says whether an official benchmark was
+    scored in full (every subset at its official size); null for local sets.
     """
-    benchmark = benchmark_of(scores)
+    bench = benchmark(benchmark_of(scores))
     subsets = subset_table(scores)
     categories = category_scores(subsets)
     summary = {
         "model": model,
-        "benchmark": benchmark,
+        "benchmark": bench.key,
         "n_pairs": int(len(scores)),
         "accuracy": float(pair_correct(scores["score_chosen"], scores["score_rejected"]).mean()),
         "subsets": subsets.to_dict(orient="records"),
         "categories": categories.to_dict(orient="records"),
     }
-    if benchmark == "rewardbench-2":
-        v2 = rewardbench2_scores(scores)
-        summary["benchmark_scores"] = {key: _json_number(value) for key, value in v2["scores"].items()}
-        summary["n_prompts"] = v2["n_prompts"]
-        summary["complete"] = v2["n_prompts"] == V2_PROMPTS
-        if v2["ties"] is not None:
-            summary["ties"] = {key: _json_number(value) for key, value in v2["ties"].items()}
-    elif benchmark == "rewardbench-v1":
-        unknown = sorted(set(subsets["subset"]) - set(EXAMPLE_COUNTS))
-        if unknown:
-            raise SarmError(f"subset {unknown[0]!r} is not a RewardBench v1 subset")
-        accuracy = dict(zip(subsets["subset"], subsets["accuracy"]))
-        summary["benchmark_scores"] = rewardbench_v1_sections(accuracy)
-        summary["complete"] = dict(zip(subsets["subset"], subsets["n"])) == V1_PAIRS
-    else:
-        summary["benchmark_scores"] = dict(zip(categories["category"], categories["accuracy"]))
-        summary["complete"] = None
+    summary.update(SCORERS[bench.scoring](bench, scores, subsets, categories))
     return summary

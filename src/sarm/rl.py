@@ -25,14 +25,12 @@ from transformers import TrainerCallback
 
 from sarm.data import read_records
 from sarm.errors import SarmError
-from sarm.reward import RewardModel
+from sarm.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("initial", "trained")
-EXPECTED_FIELDS = (
-    "question_id and turns: MT-Bench turns = [str, ...], Arena-Hard turns = [{content: str}, ...]"
-)
+EXPECTED_FIELDS = "question_id and turns: MT-Bench turns = [str, ...], Arena-Hard turns = [{content: str}, ...]"
 
 
 # --- prompts ---
@@ -72,7 +70,9 @@ def load_prompts(path: str | Path, source: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def split_prompts(prompts: pd.DataFrame, heldout: int, seed: int, tokenizer=None, max_prompt_tokens: int | None = None) -> pd.DataFrame:
+def split_prompts(
+    prompts: pd.DataFrame, heldout: int, seed: int, tokenizer=None, max_prompt_tokens: int | None = None
+) -> pd.DataFrame:
     """Drop prompts longer than `max_prompt_tokens` chat-templated tokens (when a tokenizer is given), then
     hold out a seeded sample of `heldout` prompts; adds `n_prompt_tokens` and `split` (train / heldout)."""
     prompts = prompts.reset_index(drop=True).copy()
@@ -135,8 +135,11 @@ def lora_config(settings: dict | None):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-        target_modules=settings["target_modules"], task_type="CAUSAL_LM",
+        r=settings["r"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=settings["dropout"],
+        target_modules=settings["target_modules"],
+        task_type="CAUSAL_LM",
     )
 
 
@@ -187,14 +190,28 @@ def train_policy(
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora_config(settings["lora"]), callbacks=[_LogSteps()],
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(settings["lora"]),
+        callbacks=[_LogSteps()],
     )
     trainer.train()
     out_dir = Path(out_dir)
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "sarm_rl.json").write_text(json.dumps({"base_policy": str(Path(policy).resolve()) if Path(policy).exists() else str(policy), "settings": settings, "seed": seed}, indent=2))
+    (out_dir / "sarm_rl.json").write_text(
+        json.dumps(
+            {
+                "base_policy": str(Path(policy).resolve()) if Path(policy).exists() else str(policy),
+                "settings": settings,
+                "seed": seed,
+            },
+            indent=2,
+        )
+    )
     return log_history(trainer.state.log_history)
 
 
@@ -205,8 +222,12 @@ class _LogSteps(TrainerCallback):
         if logs and "reward" in logs:
             log.info(
                 "step %d/%d: reward %.4f  kl %.4g  length %.1f  loss %.4g",
-                state.global_step, state.max_steps, logs["reward"], logs.get("kl", float("nan")),
-                logs.get("completions/mean_length", float("nan")), logs.get("loss", float("nan")),
+                state.global_step,
+                state.max_steps,
+                logs["reward"],
+                logs.get("kl", float("nan")),
+                logs.get("completions/mean_length", float("nan")),
+                logs.get("loss", float("nan")),
             )
 
 
@@ -246,7 +267,10 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
             batch, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
         ).to(model.device)
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=sorted(eos),
         )[:, enc["input_ids"].shape[1] :]
         for row in out.tolist():
@@ -273,7 +297,11 @@ def evaluate_policies(
         model, tokenizer = load_policy(path, device)
         texts, lengths = generate(model, tokenizer, list(heldout.prompt), max_new_tokens, batch_size)
         del model
-        frames.append(heldout[["id", "source", "category", "prompt"]].assign(policy=name, completion=texts, n_tokens=lengths, clipped=[n >= max_new_tokens for n in lengths]))
+        frames.append(
+            heldout[["id", "source", "category", "prompt"]].assign(
+                policy=name, completion=texts, n_tokens=lengths, clipped=[n >= max_new_tokens for n in lengths]
+            )
+        )
     completions = pd.concat(frames, ignore_index=True)
     contributions = {}
     for judge, model in judges.items():
@@ -339,7 +367,12 @@ def audit(contributions: pd.DataFrame, top: int) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-CURVES = {"reward": "reward (mean)", "kl": "KL to the initial policy", "completions/mean_length": "completion length (tokens)", "loss": "loss"}
+CURVES = {
+    "reward": "reward (mean)",
+    "kl": "KL to the initial policy",
+    "completions/mean_length": "completion length (tokens)",
+    "loss": "loss",
+}
 
 
 def curves_figure(history: pd.DataFrame, path: str | Path) -> None:

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Union
 
 import torch
 from sae_lens import SAE
@@ -36,7 +35,7 @@ def check_shape(d_sae: int, k: int) -> None:
         raise SarmError(f"config key sae.k = {k} must be between 1 and the SAE width - 1 (width = {d_sae})")
 
 
-Chunk = Union[torch.Tensor, Callable[[], torch.Tensor]]  # [n, d_in] vectors, or a loader of them
+Chunk = torch.Tensor | Callable[[], torch.Tensor]  # [n, d_in] vectors, or a loader of them
 
 
 def cache_chunks(cache, field: str = "sent", what: str = "vectors") -> list[Callable[[], torch.Tensor]]:
@@ -51,6 +50,7 @@ def cache_chunks(cache, field: str = "sent", what: str = "vectors") -> list[Call
             if field not in tensors:  # a shard without sentence ends
                 return torch.zeros(0, 1 if what == "sequences" else cache.hidden_size)
             return tensors[ids][:, None].float() if what == "sequences" else tensors[field].float()
+
         return load
 
     return [loader(shard) for shard in cache.shards]
@@ -268,13 +268,21 @@ def warn_if_useless(metrics: dict, name: str) -> None:
     if metrics["fvu"] >= 1.0:
         log.warning(
             "the SAE explains no variance on held-out %s states (FVU = %.3f >= 1): train it on more vectors or longer",
-            name, metrics["fvu"],
+            name,
+            metrics["fvu"],
         )
 
 
 def prepare_sae(
-    settings: dict, train, device: str, seed: int, metadata: dict, log_to_wandb: bool = False, checkpoint_root=None,
-    kind: str = "sequence", pairs=None,
+    settings: dict,
+    train,
+    device: str,
+    seed: int,
+    metadata: dict,
+    log_to_wandb: bool = False,
+    checkpoint_root=None,
+    kind: str = "sequence",
+    pairs=None,
 ):
     """The SAE stage: train on `train`'s corpus (an ActivationCache: sentence-final states for the sequence-level
     SAE, sampled token states for the token-level one), resuming from `checkpoint_root` when a run was cut
@@ -298,15 +306,29 @@ def prepare_sae(
 
         if checkpoint_root is not None:
             shaping = {key: value for key, value in settings.items() if key != "n_checkpoints"}
-            checkpoint_root = checkpoints.open_root(checkpoint_root, {"sae": shaping, "seed": seed, "corpus": train.meta, "pairs": (pairs or train).meta})
+            checkpoint_root = checkpoints.open_root(
+                checkpoint_root, {"sae": shaping, "seed": seed, "corpus": train.meta, "pairs": (pairs or train).meta}
+            )
         sae = train_sae(
-            corpus, d_in, width, k, settings["training_samples"], settings["batch_size"], settings["lr"],
-            device, seed, log_to_wandb=log_to_wandb, metadata=metadata,
-            checkpoint_root=checkpoint_root, n_checkpoints=settings["n_checkpoints"],
+            corpus,
+            d_in,
+            width,
+            k,
+            settings["training_samples"],
+            settings["batch_size"],
+            settings["lr"],
+            device,
+            seed,
+            log_to_wandb=log_to_wandb,
+            metadata=metadata,
+            checkpoint_root=checkpoint_root,
+            n_checkpoints=settings["n_checkpoints"],
         )
         source = {"trained": {key: settings[key] for key in ("training_samples", "batch_size", "lr", "include_final_token")}}
         source["trained"]["corpus"] = {"sequence": "sentence-final states", "token": "sampled token states"}[kind]
-        source["trained"]["corpus"] += " of a plain-text corpus" if train.meta.get("source") == "text" else " of the training pairs"
+        source["trained"]["corpus"] += (
+            " of a plain-text corpus" if train.meta.get("source") == "text" else " of the training pairs"
+        )
     seconds = time.perf_counter() - start
     return sae, source, seconds
 

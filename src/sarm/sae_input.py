@@ -89,22 +89,34 @@ def sae_input(cfg: dict, layer: int, folded: bool = False) -> dict:
                 index = int(found.group(1)) + offset
                 break
         else:
-            raise SarmError(f"{KEY}: the SAE's hook {hook} is not a residual-stream state this pipeline caches ({here}); "
-                            "use an SAE on blocks.{n}.hook_resid_post (hidden_states[n+1]) or blocks.{n}.hook_resid_pre")
+            raise SarmError(
+                f"{KEY}: the SAE's hook {hook} is not a residual-stream state this pipeline caches ({here}); "
+                "use an SAE on blocks.{n}.hook_resid_post (hidden_states[n+1]) or blocks.{n}.hook_resid_pre"
+            )
         if (cfg.get("metadata") or {}).get("hook_head_index") is not None or cfg.get("hook_head_index") is not None:
             raise SarmError(f"{KEY}: the SAE's hook {hook} reads one attention head; {here}, the whole residual stream")
     if index != layer:
-        raise SarmError(f"{KEY}: the SAE's hook {hook} reads hidden_states[{index}], but {here}; "
-                        f"set model.layer: {index} or use an SAE of that layer")
+        raise SarmError(
+            f"{KEY}: the SAE's hook {hook} reads hidden_states[{index}], but {here}; "
+            f"set model.layer: {index} or use an SAE of that layer"
+        )
     if norm == "expected_average_only_in" and folded:
         norm = "none"  # SAE.from_pretrained folds the registry's scaling factor into the weights
     if norm not in SELF_APPLIED:
-        how = ("a dataset-wide scale sae-lens applies only when its registry records it: fold it in first "
-               "(sae.fold_activation_norm_scaling_factor) and save the SAE" if norm == "expected_average_only_in"
-               else "which sae-lens does not apply inside encode")
+        how = (
+            "a dataset-wide scale sae-lens applies only when its registry records it: fold it in first "
+            "(sae.fold_activation_norm_scaling_factor) and save the SAE"
+            if norm == "expected_average_only_in"
+            else "which sae-lens does not apply inside encode"
+        )
         raise SarmError(f"{KEY}: {_the_sae(hook)} expects normalize_activations = {norm!r}, {how} ({here})")
-    return {"hook_name": hook, "hidden_states": index, "standardize": standardize, "normalize_activations": norm,
-            "d_in": cfg.get("d_in")}
+    return {
+        "hook_name": hook,
+        "hidden_states": index,
+        "standardize": standardize,
+        "normalize_activations": norm,
+        "d_in": cfg.get("d_in"),
+    }
 
 
 def pretrained_input(spec: dict, layer: int) -> dict:
@@ -116,8 +128,10 @@ def pretrained_input(spec: dict, layer: int) -> dict:
 def check_width(states: dict, hidden_size: int, layer: int | None) -> None:
     if states.get("d_in") is not None and states["d_in"] != hidden_size:
         where = f"hidden_states[{layer}] (config key model.layer = {layer})" if layer is not None else "cached states"
-        raise SarmError(f"{KEY}: {_the_sae(states['hook_name'])} reads {states['d_in']}-dim inputs, but the model's "
-                        f"{where} are {hidden_size}-dim")
+        raise SarmError(
+            f"{KEY}: {_the_sae(states['hook_name'])} reads {states['d_in']}-dim inputs, but the model's "
+            f"{where} are {hidden_size}-dim"
+        )
 
 
 def check_cache(sae, cache) -> dict:
@@ -134,7 +148,9 @@ def check_cache(sae, cache) -> dict:
     held = (meta.get("sae_input") or {"standardize": True})["standardize"]
     if held != states["standardize"]:
         kinds = {True: "standardised", False: "raw"}
-        raise SarmError(f"{KEY}: {_the_sae(states['hook_name'])} reads {kinds[states['standardize']]} hidden states, but the "
-                        f"activation cache holds {kinds[held]} ones (config key model.layer = {layer}); delete the "
-                        "activation caches and run again")
+        raise SarmError(
+            f"{KEY}: {_the_sae(states['hook_name'])} reads {kinds[states['standardize']]} hidden states, but the "
+            f"activation cache holds {kinds[held]} ones (config key model.layer = {layer}); delete the "
+            "activation caches and run again"
+        )
     return states

@@ -104,7 +104,9 @@ class Limits:
                 f"<= --max-queue-items ({self.max_queue_items}) is required: a request must fit the queue"
             )
         if self.max_client_connections > self.max_connections:
-            raise SarmError(f"--max-client-connections ({self.max_client_connections}) is more than --max-connections ({self.max_connections})")
+            raise SarmError(
+                f"--max-client-connections ({self.max_client_connections}) is more than --max-connections ({self.max_connections})"
+            )
 
 
 class BadRequest(Exception):
@@ -129,7 +131,9 @@ def _list_of(body: dict, key: str, limits: Limits) -> list:
     if not value:
         raise BadRequest(f'"{key}" is an empty list: nothing to score')
     if len(value) > limits.max_items:
-        raise BadRequest(f'"{key}" has {len(value)} items, more than the {limits.max_items} allowed per request (--max-items): split it', 413)
+        raise BadRequest(
+            f'"{key}" has {len(value)} items, more than the {limits.max_items} allowed per request (--max-items): split it', 413
+        )
     return value
 
 
@@ -146,7 +150,7 @@ def _message_list(value, where: str) -> list[dict]:
         raise BadRequest(f"{where} must be a non-empty list of {{role, content}} messages")
     for j, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise BadRequest(f"{where}[{j}] must be {{\"role\": one of {list(ROLES)}, \"content\": a string}}")
+            raise BadRequest(f'{where}[{j}] must be {{"role": one of {list(ROLES)}, "content": a string}}')
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -159,7 +163,9 @@ def _chars(prompt) -> int:
 def _check_size(item: tuple, where: str, limits: Limits) -> tuple:
     n = len(item[1]) if item[0] == "text" else _chars(item[1]) + _chars(item[2])
     if n > limits.max_text_chars:
-        raise BadRequest(f"{where} has {n} characters, more than the {limits.max_text_chars} allowed per text (--max-text-chars)", 413)
+        raise BadRequest(
+            f"{where} has {n} characters, more than the {limits.max_text_chars} allowed per text (--max-text-chars)", 413
+        )
     return item
 
 
@@ -174,7 +180,10 @@ def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], int]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise BadRequest(f'"return_attributions" must be a non-negative integer (top-k features), got {str(top_k)[:40]!r}')
     if "query" in body:
-        items = [_check_size(("text", _string(t, f"query[{i}]")), f"query[{i}]", limits) for i, t in enumerate(_list_of(body, "query", limits))]
+        items = [
+            _check_size(("text", _string(t, f"query[{i}]")), f"query[{i}]", limits)
+            for i, t in enumerate(_list_of(body, "query", limits))
+        ]
     elif "prompts" in body or "responses" in body:
         if "prompts" not in body or "responses" not in body:
             raise BadRequest('"prompts" and "responses" go together')
@@ -184,7 +193,9 @@ def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], int]
         items = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             prompt = _string(p, f"prompts[{i}]") if isinstance(p, str) else _message_list(p, f"prompts[{i}]")
-            items.append(_check_size(("pair", prompt, _string(r, f"responses[{i}]")), f"prompts[{i}] with responses[{i}]", limits))
+            items.append(
+                _check_size(("pair", prompt, _string(r, f"responses[{i}]")), f"prompts[{i}] with responses[{i}]", limits)
+            )
     elif "messages" in body:
         items = []
         for i, conversation in enumerate(_list_of(body, "messages", limits)):
@@ -247,7 +258,10 @@ class RewardService:
     def parse(self, raw: bytes, deadline: float) -> tuple[list[tuple], int]:
         """(items, top_k) of a request body, decoded when one of the max_parsing turns is free."""
         if not self._parsing.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise BadRequest(f"no turn to decode the body within --request-timeout ({self.limits.request_timeout:g} s): the server is busy", 503)
+            raise BadRequest(
+                f"no turn to decode the body within --request-timeout ({self.limits.request_timeout:g} s): the server is busy",
+                503,
+            )
         try:
             try:
                 body = json.loads(raw)
@@ -262,7 +276,9 @@ class RewardService:
         encoded = []
         for item in items:
             if time.monotonic() > deadline:
-                raise BadRequest(f"not tokenised within --request-timeout ({self.limits.request_timeout:g} s): the server is busy", 503)
+                raise BadRequest(
+                    f"not tokenised within --request-timeout ({self.limits.request_timeout:g} s): the server is busy", 503
+                )
             if item[0] == "text":
                 encoded += self.model.encode_texts([item[1]])
             else:
@@ -284,7 +300,8 @@ class RewardService:
             if not job.done.is_set():
                 raise BadRequest(
                     f"not scored within --request-timeout ({self.limits.request_timeout:g} s; {job.scored} of "
-                    f"{len(job.encoded)} items were): the server is busy, retry later", 503,
+                    f"{len(job.encoded)} items were): the server is busy, retry later",
+                    503,
                 )
         if job.error is not None:
             raise job.error
@@ -320,10 +337,14 @@ class RewardService:
         if waiting + n > limits.max_client_queue_items:
             raise BadRequest(
                 f"{waiting} items from {client or 'you'} already wait; {n} more would pass "
-                f"--max-client-queue-items ({limits.max_client_queue_items}): retry when they are scored", 429,
+                f"--max-client-queue-items ({limits.max_client_queue_items}): retry when they are scored",
+                429,
             )
         if self._waiting + n > limits.max_queue_items:
-            raise BadRequest(f"{self._waiting} items already wait; {n} more would pass --max-queue-items ({limits.max_queue_items}): retry later", 503)
+            raise BadRequest(
+                f"{self._waiting} items already wait; {n} more would pass --max-queue-items ({limits.max_queue_items}): retry later",
+                503,
+            )
 
     def _cancel(self, job: _Job) -> None:
         """Drop a job's items not yet batched (its client gave up waiting)."""
@@ -424,8 +445,12 @@ class RewardService:
             job.rewards[i] = rewards[row]
             if job.top_k:
                 job.attributions[i] = [
-                    {"feature": int(f), "contribution": float(contributions[row, f]),
-                     "activation": float(features[row, f]), "weight": float(model.weight[f])}
+                    {
+                        "feature": int(f),
+                        "contribution": float(contributions[row, f]),
+                        "activation": float(features[row, f]),
+                        "weight": float(model.weight[f]),
+                    }
                     for f in top[row, : job.top_k].tolist()
                 ]
             job.scored += 1
@@ -446,9 +471,15 @@ class RewardService:
     def describe(self) -> dict:
         base = self.model.config["base_model"]
         return {
-            "status": "ok", "features": self.model.config["features"], "n_features": len(self.model.weight),
-            "base_model": base.get("hub_id") or base["name"], "layer": base["layer"], "max_length": self.max_length,
-            "max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000, "limits": asdict(self.limits),
+            "status": "ok",
+            "features": self.model.config["features"],
+            "n_features": len(self.model.weight),
+            "base_model": base.get("hub_id") or base["name"],
+            "layer": base["layer"],
+            "max_length": self.max_length,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait * 1000,
+            "limits": asdict(self.limits),
         }
 
 
@@ -622,7 +653,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not (value.isascii() and value.isdigit()):
             raise BadRequest(f"Content-Length must be a non-negative integer, got {value[:40]!r}")
         if len(value) > 18 or int(value) > self.limits.max_body_bytes:
-            raise BadRequest(f"the body has {value[:40]} bytes, more than the {self.limits.max_body_bytes} allowed (--max-body-mb)", 413)
+            raise BadRequest(
+                f"the body has {value[:40]} bytes, more than the {self.limits.max_body_bytes} allowed (--max-body-mb)", 413
+            )
         return int(value)
 
     def do_POST(self):  # noqa: N802
@@ -678,7 +711,10 @@ class _Server(ThreadingHTTPServer):
             if self._open >= self.limits.max_connections:
                 refusal = 503, f"{self._open} connections are open, the most allowed (--max-connections): retry later"
             elif self._open_from[client] >= self.limits.max_client_connections:
-                refusal = 429, f"{self._open_from[client]} connections from {client} are open, the most allowed (--max-client-connections)"
+                refusal = (
+                    429,
+                    f"{self._open_from[client]} connections from {client} are open, the most allowed (--max-client-connections)",
+                )
             else:
                 refusal = None
                 self._open += 1
@@ -709,8 +745,10 @@ class _Server(ThreadingHTTPServer):
         """Answer without a thread (the accept loop must not wait on this client) and close."""
         self.service.count_refusal(status)
         data = json.dumps({"error": message}).encode()
-        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        ).encode()
         try:
             request.setblocking(False)
             try:
@@ -725,8 +763,9 @@ class _Server(ThreadingHTTPServer):
         self.shutdown_request(request)
 
 
-def make_server(model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0,
-                limits: Limits | None = None) -> ThreadingHTTPServer:
+def make_server(
+    model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None
+) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer serving `model` (port 0: a free port; see `server.server_address`). Run it with
     `serve_forever()`; `shutdown()`, `server_close()` then `server.service.close()` stop it."""
     limits = limits or Limits()
@@ -768,13 +807,13 @@ def limits_from_args(args) -> Limits:
 
 
 def _serve(args) -> None:
-    from sarm.reward import RewardModel
+    from sarm.reward_model import load_feature_head
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = limits_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = RewardModel.from_pretrained(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     model.load_backbone(model.device)
     try:
         server = make_server(model, args.host, args.port, args.max_batch, args.max_wait_ms, limits)

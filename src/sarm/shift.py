@@ -16,7 +16,7 @@ import torch
 
 from sarm.errors import SarmError
 from sarm.explain import check_features
-from sarm.reward import RewardModel
+from sarm.reward_model import RewardModel
 from sarm.rewardbench import summarize
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,14 @@ def rank_features(features: torch.Tensor, mask: np.ndarray, weight: torch.Tensor
     fires = features > 0
     m = torch.from_numpy(np.array(mask, dtype=bool))
     chosen, rejected = fires[0::2][m].float().mean(0), fires[1::2][m].float().mean(0)
-    table = pd.DataFrame({
-        "feature": np.arange(len(weight)), "weight": weight.numpy(),
-        "fire_chosen_target": chosen.numpy(), "fire_rejected_target": rejected.numpy(),
-    })
+    table = pd.DataFrame(
+        {
+            "feature": np.arange(len(weight)),
+            "weight": weight.numpy(),
+            "fire_chosen_target": chosen.numpy(),
+            "fire_rejected_target": rejected.numpy(),
+        }
+    )
     table["score"] = table["fire_chosen_target"] - table["fire_rejected_target"]
     return table.sort_values(["score", "fire_chosen_target"], ascending=False, kind="stable").reset_index(drop=True)
 
@@ -65,7 +69,9 @@ def edit_head(model: RewardModel, features: list[int], factor: float, note: dict
     return edited
 
 
-def shift_report(model: RewardModel, edited: RewardModel, tables: dict[str, tuple], target: tuple[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def shift_report(
+    model: RewardModel, edited: RewardModel, tables: dict[str, tuple], target: tuple[str, np.ndarray]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Re-evaluate `edited` against `model` on every table ({name: (cache, pairs)}).
 
     Returns (per table and category: pairs, firing rates of the edited features on chosen / rejected, mean
@@ -78,16 +84,26 @@ def shift_report(model: RewardModel, edited: RewardModel, tables: dict[str, tupl
         z = model.features(cache.final())
         before, after = (z @ model.weight).numpy(), (z @ edited.weight).numpy()
         fires = (z[:, edited_ids] > 0).any(1).numpy()
-        frame = pd.DataFrame({
-            "table": name, "pair": np.repeat(np.arange(len(pairs)), 2), "side": ["chosen", "rejected"] * len(pairs),
-            "category": np.repeat(pairs["category"].to_numpy(), 2), "subset": np.repeat(pairs["subset"].to_numpy(), 2),
-            "fires": fires, "before": before, "after": after, "delta": after - before,
-            "target": np.repeat(target[1], 2) if name == target[0] else False,
-        })
+        frame = pd.DataFrame(
+            {
+                "table": name,
+                "pair": np.repeat(np.arange(len(pairs)), 2),
+                "side": ["chosen", "rejected"] * len(pairs),
+                "category": np.repeat(pairs["category"].to_numpy(), 2),
+                "subset": np.repeat(pairs["subset"].to_numpy(), 2),
+                "fires": fires,
+                "before": before,
+                "after": after,
+                "delta": after - before,
+                "target": np.repeat(target[1], 2) if name == target[0] else False,
+            }
+        )
         responses.append(frame)
         scores = {}
         for which, r in (("before", before), ("after", after)):
-            scores[which] = summarize(pairs[["id", "subset", "category"]].assign(score_chosen=r[0::2], score_rejected=r[1::2]), which)
+            scores[which] = summarize(
+                pairs[["id", "subset", "category"]].assign(score_chosen=r[0::2], score_rejected=r[1::2]), which
+            )
         acc = {w: {c["category"]: c["accuracy"] for c in s["categories"]} for w, s in scores.items()}
         groups = [("target set", frame["target"])] if name == target[0] else []
         groups += [(c, frame["category"] == c) for c in sorted(pairs["category"].unique())]
@@ -99,18 +115,25 @@ def shift_report(model: RewardModel, edited: RewardModel, tables: dict[str, tupl
                 ok_after = part.groupby("pair")["after"].agg(lambda s: s.iloc[0] > s.iloc[1]).mean()
             else:
                 ok_before, ok_after = acc["before"][label], acc["after"][label]
-            rows.append({
-                "table": name, "set": label, "pairs": len(part) // 2,
-                "fire_chosen_%": 100 * part.loc[part.side == "chosen", "fires"].mean(),
-                "fire_rejected_%": 100 * part.loc[part.side == "rejected", "fires"].mean(),
-                "mean_shift_firing": part.loc[part.fires, "delta"].mean() if part.fires.any() else 0.0,
-                "mean_shift_not_firing": part.loc[~part.fires, "delta"].mean() if (~part.fires).any() else 0.0,
-                "accuracy_before_%": 100 * ok_before, "accuracy_after_%": 100 * ok_after,
-            })
+            rows.append(
+                {
+                    "table": name,
+                    "set": label,
+                    "pairs": len(part) // 2,
+                    "fire_chosen_%": 100 * part.loc[part.side == "chosen", "fires"].mean(),
+                    "fire_rejected_%": 100 * part.loc[part.side == "rejected", "fires"].mean(),
+                    "mean_shift_firing": part.loc[part.fires, "delta"].mean() if part.fires.any() else 0.0,
+                    "mean_shift_not_firing": part.loc[~part.fires, "delta"].mean() if (~part.fires).any() else 0.0,
+                    "accuracy_before_%": 100 * ok_before,
+                    "accuracy_after_%": 100 * ok_after,
+                }
+            )
     return pd.DataFrame(rows), pd.concat(responses, ignore_index=True)
 
 
-def feature_table(ranking: pd.DataFrame, edited: RewardModel, responses: pd.DataFrame, tables: dict, target_table: str, target: np.ndarray) -> pd.DataFrame:
+def feature_table(
+    ranking: pd.DataFrame, edited: RewardModel, responses: pd.DataFrame, tables: dict, target_table: str, target: np.ndarray
+) -> pd.DataFrame:
     """The edited features: weight before / after, the paper's score and their firing rates on the target
     set's chosen and rejected responses and on every other response of every table."""
     ids = edited.config["edit"]["features"]
@@ -123,9 +146,18 @@ def feature_table(ranking: pd.DataFrame, edited: RewardModel, responses: pd.Data
     out = ranking.set_index("feature").loc[ids].reset_index()
     out = out.assign(weight_after=edited.weight[ids].numpy(), fire_rest=rest)
     out[["fire_chosen_target", "fire_rejected_target", "score", "fire_rest"]] *= 100
-    out = out.rename(columns={"weight": "weight_before", "fire_chosen_target": "fire_chosen_target_%",
-                              "fire_rejected_target": "fire_rejected_target_%", "score": "score_pp", "fire_rest": "fire_rest_%"})
-    return out[["feature", "weight_before", "weight_after", "score_pp", "fire_chosen_target_%", "fire_rejected_target_%", "fire_rest_%"]]
+    out = out.rename(
+        columns={
+            "weight": "weight_before",
+            "fire_chosen_target": "fire_chosen_target_%",
+            "fire_rejected_target": "fire_rejected_target_%",
+            "score": "score_pp",
+            "fire_rest": "fire_rest_%",
+        }
+    )
+    return out[
+        ["feature", "weight_before", "weight_after", "score_pp", "fire_chosen_target_%", "fire_rejected_target_%", "fire_rest_%"]
+    ]
 
 
 def shift_figure(responses: pd.DataFrame, path: str | Path, title: str) -> None:
@@ -149,8 +181,13 @@ def shift_figure(responses: pd.DataFrame, path: str | Path, title: str) -> None:
     axes[0].legend(fontsize=8, frameon=False)
     firing, other = responses[responses.fires], responses[~responses.fires]
     bins = np.histogram_bin_edges(np.r_[responses["delta"], 0.0], bins=40)
-    axes[1].hist([firing["delta"], other["delta"]], bins, stacked=True, color=["#d73027", "#999999"],
-                 label=[f"fire an edited feature ({len(firing)})", f"fire none ({len(other)}): change exactly 0"])
+    axes[1].hist(
+        [firing["delta"], other["delta"]],
+        bins,
+        stacked=True,
+        color=["#d73027", "#999999"],
+        label=[f"fire an edited feature ({len(firing)})", f"fire none ({len(other)}): change exactly 0"],
+    )
     axes[1].set_yscale("log")
     axes[1].set_xlabel("reward change after - before")
     axes[1].set_title("all evaluation responses")
@@ -178,7 +215,11 @@ def preference_shift(model: RewardModel, tables: dict[str, tuple], settings: dic
     chosen = list(settings.get("features") or ranking.loc[ranking["weight"] > 0, "feature"].head(settings["n_features"]).tolist())
     if not chosen:
         raise SarmError("config key shift.n_features: no feature with a positive head weight fires on the target set")
-    note = {"target_table": target_table, "categories": list(settings.get("categories") or []), "subsets": list(settings.get("subsets") or [])}
+    note = {
+        "target_table": target_table,
+        "categories": list(settings.get("categories") or []),
+        "subsets": list(settings.get("subsets") or []),
+    }
     edited = edit_head(model, chosen, settings["factor"], note)
     edited.save_pretrained(out_model)
     log.info("edited features %s (factor %s) saved to %s", chosen, settings["factor"], out_model)

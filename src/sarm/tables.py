@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sarm.schema import LOCAL, REWARDBENCH_2, REWARDBENCH_V1, benchmark
+
 
 def accuracy_table(summaries: dict[str, dict]) -> pd.DataFrame:
     """Per-category accuracy (%) with one column per model; rows as in each summary's `categories`."""
@@ -54,15 +56,14 @@ def accuracy_figure(tables: dict[str, pd.DataFrame], path: str | Path) -> None:
 # official benchmark's columns: local rows have tables of their own, with the local set's categories.
 # ---------------------------------------------------------------------------------------------------------------
 
-RB2_COLUMNS = ["overall", "Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
-V1_COLUMNS = ["overall", "Chat", "Chat Hard", "Safety", "Reasoning"]
+RB2_COLUMNS = list(REWARDBENCH_2.columns)  # overall, Factuality, Precise IF, Math, Safety, Focus, Ties
+V1_COLUMNS = list(REWARDBENCH_V1.columns)  # overall, Chat, Chat Hard, Safety, Reasoning
 ROW_COLUMNS = ["model", "size", "data set", "source"]
 ABLATIONS = ["SARM", "SAE encoder random init", "token-level SAE"]
-DEFAULT_REWARD_MODELS = {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}
 
 PAPER = "arXiv 2508.08746"
-RB2_PUBLISHED = "RewardBench 2 (official, published)"
-V1_PUBLISHED = "RewardBench v1 (official, published)"
+RB2_PUBLISHED = REWARDBENCH_2.published  # "RewardBench 2 (official, published)"
+V1_PUBLISHED = REWARDBENCH_V1.published
 
 # Published in arXiv 2508.08746 (SARM, AAAI-26), Table 1 (RewardBench 2, %) with the ablation rows of Table 2;
 # copied from the summary in ../shared/docs/paper.md. Figures from the paper, not data.
@@ -91,35 +92,26 @@ PAPER_REWARDBENCH_V1 = [
 ]
 
 
-def ablation_of(spec: dict) -> str | None:
-    """Table 2's row for a reward-model spec: a sequence-level SAE with TopK, frozen or fine-tuned, is "SARM";
-    the same with `sae: random` or `sae: token` is the random-init or token-level ablation; others: None."""
-    if spec.get("features") != "sae" or not spec.get("topk", True):
+def ablation_of(spec) -> str | None:
+    """Table 2's row for a reward-model spec (`sarm.variants`): the paper's head (linear, on a frozen or fine-tuned
+    backbone) over a sequence-level SAE with TopK is "SARM"; the same with `sae: random` or `sae: token` is the
+    random-init or token-level ablation; others: None."""
+    if spec is None or not spec.paper_head or spec.features != "sae" or not spec.topk:
         return None
-    if spec.get("mode", "frozen") not in ("frozen", "finetune"):
-        return None
-    return {"sequence": "SARM", "random": ABLATIONS[1], "token": ABLATIONS[2]}.get(spec.get("sae", "sequence"))
+    return {"sequence": "SARM", "random": ABLATIONS[1], "token": ABLATIONS[2]}.get(spec.sae)
 
 
 def measured_on(summary: dict, table: str, stand_in: bool = False) -> str:
     """The data set a summary was measured on, as a row label: official benchmark (and how much of it) or local.
     `stand_in`: the benchmark's data are the miniature's stand-ins (sarm.miniature), scored the official way."""
-    from sarm.rewardbench import V1_PAIRS, V2_PROMPTS
-
-    benchmark = summary.get("benchmark", "local")
-    if stand_in and benchmark in ("rewardbench-2", "rewardbench-v1"):
-        name = "RewardBench 2" if benchmark == "rewardbench-2" else "RewardBench v1"
-        n = f"{sum(summary['n_prompts'].values()):,} prompts" if benchmark == "rewardbench-2" else f"{summary['n_pairs']:,} pairs"
-        return f"{name} stand-in (miniature, {n} from ../shared/data; scored the official way, not the benchmark)"
-    if benchmark == "rewardbench-2":
-        n, full = sum(summary["n_prompts"].values()), sum(V2_PROMPTS.values())
-        part = f"{n:,} prompts" if summary.get("complete") else f"subsample, {n:,} of {full:,} prompts"
-        return f"RewardBench 2 (official, reproduced, {part})"
-    if benchmark == "rewardbench-v1":
-        n, full = summary["n_pairs"], sum(V1_PAIRS.values())
-        part = f"{n:,} pairs" if summary.get("complete") else f"subsample, {n:,} of {full:,} pairs"
-        return f"RewardBench v1 (official, reproduced, {part})"
-    return f"{table} (local, {summary['n_pairs']:,} pairs)"
+    bench = benchmark(summary.get("benchmark", LOCAL.key))
+    if not bench.official:
+        return f"{table} (local, {summary['n_pairs']:,} pairs)"
+    n, unit = bench.measured(summary), bench.unit
+    if stand_in:
+        return f"{bench.name} stand-in (miniature, {n:,} {unit} from ../shared/data; scored the official way, not the benchmark)"
+    part = f"{n:,} {unit}" if summary.get("complete") else f"subsample, {n:,} of {bench.full_size:,} {unit}"
+    return f"{bench.name} (official, reproduced, {part})"
 
 
 def _percent(scores: dict, columns: list[str], overall_key: str) -> dict:
@@ -136,57 +128,70 @@ def _local_scores(summary: dict) -> dict:
     return {row["category"]: row["accuracy"] for row in summary["categories"]}
 
 
-def leaderboard_rows(path: str | Path, models: list[str], benchmark: str) -> pd.DataFrame:
+def leaderboard_rows(path: str | Path, models: list[str], benchmark_key: str) -> pd.DataFrame:
     """Published leaderboard rows (in %) of `models`, in that order; models not on the board are left out.
 
-    RewardBench 2: ``overall`` is the board's Score (the mean of the six subsets). RewardBench v1: ``overall``
-    is the mean of the four sections, as in the paper; the board's Score also folds in Prior Sets.
+    ``overall`` is the benchmark's `Benchmark.overall` of a row: RewardBench 2, the board's Score (the mean of
+    the six subsets); RewardBench v1, the mean of the four sections, as in the paper (the board's Score also
+    folds in Prior Sets).
     """
     from sarm.errors import SarmError
 
-    columns = RB2_COLUMNS if benchmark == "rewardbench-2" else V1_COLUMNS
+    bench = benchmark(benchmark_key)
+    if not bench.columns:
+        raise SarmError(f"benchmark {bench.key!r} has no published leaderboard")
+    columns = list(bench.columns)
     board = pd.read_csv(path)
     for column in ["model", "Score", *columns[1:]]:
         if column not in board.columns:
             raise SarmError(f"{path}: column {column!r} missing from the leaderboard")
-    name = "RewardBench 2" if benchmark == "rewardbench-2" else "RewardBench v1"
     rows = []
     for model in models:
         found = board[board["model"] == model]
         if found.empty:
             continue
         scores = found.iloc[0].to_dict()
-        scores["overall"] = scores["Score"] if benchmark == "rewardbench-2" else sum(scores[c] for c in columns[1:]) / 4
-        rows.append({"model": model, "size": "", "data set": f"{name} (official, published)",
-                     "source": f"leaderboard ({Path(path).name})", **_percent(scores, columns, "overall")})
+        scores["overall"] = bench.overall(scores)
+        rows.append(
+            {
+                "model": model,
+                "size": "",
+                "data set": bench.published,
+                "source": f"leaderboard ({Path(path).name})",
+                **_percent(scores, columns, "overall"),
+            }
+        )
     return pd.DataFrame(rows, columns=[*ROW_COLUMNS, *columns])
 
 
 def _published(rows: list[tuple], columns: list[str], data_set: str, source: str) -> list[dict]:
-    return [{"model": model, "size": size, "data set": data_set, "source": source, **dict(zip(columns, values))}
-            for model, size, *values in rows]
+    return [
+        {"model": model, "size": size, "data set": data_set, "source": source, **dict(zip(columns, values))}
+        for model, size, *values in rows
+    ]
 
 
-def _reproduced(summaries: dict, backbone: str, benchmark: str, stand_in: bool = False) -> list[dict]:
-    """One row per (reward model, eval table) measured on `benchmark`: names, data set and `scores` (fractions)."""
+def _reproduced(summaries: dict, backbone: str, key: str, stand_in: bool = False) -> list[dict]:
+    """One row per (reward model, eval table) measured on benchmark `key`: names, data set and `scores` (fractions)."""
     rows = []
     for (model, table), summary in summaries.items():
-        if summary.get("benchmark", "local") != benchmark:
+        if summary.get("benchmark", LOCAL.key) != key:
             continue
-        rows.append({
-            "rm": model,
-            "model": "length (baseline)" if model == "length" else f"{model} ({backbone})",
-            "size": "",
-            "data set": measured_on(summary, table, stand_in),
-            "source": f"reproduced (results/eval/{model}/{table})",
-            "scores": summary.get("benchmark_scores") or _local_scores(summary),
-        })
+        rows.append(
+            {
+                "rm": model,
+                "model": "length (baseline)" if model == "length" else f"{model} ({backbone})",
+                "size": "",
+                "data set": measured_on(summary, table, stand_in),
+                "source": f"reproduced (results/eval/{model}/{table})",
+                "scores": summary.get("benchmark_scores") or _local_scores(summary),
+            }
+        )
     return rows
 
 
 def _with_percent(rows: list[dict], columns: list[str], overall_key: str) -> list[dict]:
-    return [{**{k: v for k, v in row.items() if k != "scores"}, **_percent(row["scores"], columns, overall_key)}
-            for row in rows]
+    return [{**{k: v for k, v in row.items() if k != "scores"}, **_percent(row["scores"], columns, overall_key)} for row in rows]
 
 
 def _local_columns(rows: list[dict]) -> list[str]:
@@ -205,9 +210,14 @@ def _by_data_set(table: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("data set", key=lambda s: s.map(rank), kind="stable").reset_index(drop=True)
 
 
-def paper_tables(summaries: dict[tuple[str, str], dict], reward_models: dict[str, dict] | None = None,
-                 reference: str | Path | None = None, leaderboard_models: list[str] = (),
-                 backbone: str = "", stand_in: bool = False) -> dict[str, pd.DataFrame]:
+def paper_tables(
+    summaries: dict[tuple[str, str], dict],
+    reward_models: dict[str, dict] | None = None,
+    reference: str | Path | None = None,
+    leaderboard_models: list[str] = (),
+    backbone: str = "",
+    stand_in: bool = False,
+) -> dict[str, pd.DataFrame]:
     """The paper's tables from evaluation summaries ((reward model, eval table) -> summary.json contents).
 
     table1_rewardbench2 / table1_rewardbench_v1: published rows (the paper, the leaderboards) and rows
@@ -218,48 +228,61 @@ def paper_tables(summaries: dict[tuple[str, str], dict], reward_models: dict[str
     rewardbench_v1_leaderboard.csv (None: no leaderboard rows). Scores in %. `stand_in`: the official sets are the
     miniature's stand-ins (config key miniature.enabled), and their rows say so.
     """
-    reward_models = reward_models or DEFAULT_REWARD_MODELS
+    from sarm.ablations import typed
+    from sarm.variants import specs_from_config
+
+    reward_models = typed(reward_models) if reward_models else specs_from_config({})  # default: sarm and dense
     ablation_only = {PAPER_ABLATIONS[name] for name in ABLATIONS[1:]}  # rows of Table 2 only
-    rb2_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-2", stand_in), RB2_COLUMNS, "score")
-    v1_rows = _with_percent(_reproduced(summaries, backbone, "rewardbench-v1", stand_in), V1_COLUMNS, "score")
-    local_raw = _reproduced(summaries, backbone, "local")
+    rb2_rows = _with_percent(
+        _reproduced(summaries, backbone, REWARDBENCH_2.key, stand_in), RB2_COLUMNS, REWARDBENCH_2.overall_key
+    )
+    v1_rows = _with_percent(
+        _reproduced(summaries, backbone, REWARDBENCH_V1.key, stand_in), V1_COLUMNS, REWARDBENCH_V1.overall_key
+    )
+    local_raw = _reproduced(summaries, backbone, LOCAL.key)
     local_columns = _local_columns(local_raw)
-    local_rows = _with_percent(local_raw, local_columns, "overall")
+    local_rows = _with_percent(local_raw, local_columns, LOCAL.overall_key)
 
     rb2_board = v1_board = []
     if reference:
-        rb2_board = leaderboard_rows(Path(reference) / "rewardbench2_leaderboard.csv", list(leaderboard_models),
-                                     "rewardbench-2").to_dict("records")
-        v1_board = leaderboard_rows(Path(reference) / "rewardbench_v1_leaderboard.csv", list(leaderboard_models),
-                                    "rewardbench-v1").to_dict("records")
+        rb2_board = leaderboard_rows(
+            Path(reference) / REWARDBENCH_2.leaderboard, list(leaderboard_models), REWARDBENCH_2.key
+        ).to_dict("records")
+        v1_board = leaderboard_rows(
+            Path(reference) / REWARDBENCH_V1.leaderboard, list(leaderboard_models), REWARDBENCH_V1.key
+        ).to_dict("records")
     paper_rb2 = [row for row in PAPER_REWARDBENCH2 if row[0] not in ablation_only]
     tables = {
         "table1_rewardbench2": pd.DataFrame(
             [*_published(paper_rb2, RB2_COLUMNS, RB2_PUBLISHED, f"{PAPER}, Table 1"), *rb2_board, *rb2_rows],
-            columns=[*ROW_COLUMNS, *RB2_COLUMNS]),
+            columns=[*ROW_COLUMNS, *RB2_COLUMNS],
+        ),
         "table1_rewardbench_v1": pd.DataFrame(
             [*_published(PAPER_REWARDBENCH_V1, ["overall"], V1_PUBLISHED, f"{PAPER}, figures"), *v1_board, *v1_rows],
-            columns=[*ROW_COLUMNS, *V1_COLUMNS]),
+            columns=[*ROW_COLUMNS, *V1_COLUMNS],
+        ),
         "table1_local": _by_data_set(pd.DataFrame(local_rows, columns=["model", "data set", "source", *local_columns])),
     }
 
     def ablation_rows(rows):
         out = []
         for row in rows:
-            spec = reward_models.get(row["rm"], {})
+            spec = reward_models.get(row["rm"])
             if ablation_of(spec) is not None:
-                out.append({"ablation": ablation_of(spec), "mode": spec.get("mode", "frozen"), **row})
+                out.append({"ablation": ablation_of(spec), "mode": spec.kind, **row})
         return sorted(out, key=lambda r: ABLATIONS.index(r["ablation"]))
 
     paper_rows = {row[0]: row for row in PAPER_REWARDBENCH2}
-    published = [{"ablation": ablation, "mode": "finetune", **row}  # the paper fine-tunes layers 1..L
-                 for ablation, model in PAPER_ABLATIONS.items()
-                 for row in _published([paper_rows[model]], RB2_COLUMNS, RB2_PUBLISHED, f"{PAPER}, Table 2")]
+    published = [
+        {"ablation": ablation, "mode": "finetune", **row}  # the paper fine-tunes layers 1..L
+        for ablation, model in PAPER_ABLATIONS.items()
+        for row in _published([paper_rows[model]], RB2_COLUMNS, RB2_PUBLISHED, f"{PAPER}, Table 2")
+    ]
     header = ["ablation", "model", "mode", "data set", "source"]
-    tables["table2_ablations"] = _by_data_set(pd.DataFrame([*published, *ablation_rows(rb2_rows)],
-                                                           columns=[*header, *RB2_COLUMNS]))
-    tables["table2_ablations_local"] = _by_data_set(pd.DataFrame(ablation_rows(local_rows),
-                                                                 columns=[*header, *local_columns]))
+    tables["table2_ablations"] = _by_data_set(
+        pd.DataFrame([*published, *ablation_rows(rb2_rows)], columns=[*header, *RB2_COLUMNS])
+    )
+    tables["table2_ablations_local"] = _by_data_set(pd.DataFrame(ablation_rows(local_rows), columns=[*header, *local_columns]))
     return tables
 
 
@@ -273,17 +296,26 @@ def paper_tables_figure(tables: dict[str, pd.DataFrame], path: str | Path) -> No
     import numpy as np
 
     panels = [
-        ("Table 1: RewardBench 2 (official); published solid, reproduced hatched", tables["table1_rewardbench2"],
-         RB2_COLUMNS, "model"),
-        ("RewardBench v1 (official); published solid, reproduced hatched", tables["table1_rewardbench_v1"],
-         V1_COLUMNS, "model"),
+        (
+            "Table 1: RewardBench 2 (official); published solid, reproduced hatched",
+            tables["table1_rewardbench2"],
+            RB2_COLUMNS,
+            "model",
+        ),
+        ("RewardBench v1 (official); published solid, reproduced hatched", tables["table1_rewardbench_v1"], V1_COLUMNS, "model"),
         ("Table 2: ablations on RewardBench 2 (official)", tables["table2_ablations"], RB2_COLUMNS, "ablation"),
     ]
     local = tables["table1_local"]
-    for data_set, rows in (local.groupby("data set", sort=False) if not local.empty else []):
+    for data_set, rows in local.groupby("data set", sort=False) if not local.empty else []:
         columns = [c for c in local.columns[3:] if rows[c].notna().any()]
-        panels.append((f"Measured on {data_set}: a local set with its own categories, not comparable with "
-                       "RewardBench", rows, columns, "model"))
+        panels.append(
+            (
+                f"Measured on {data_set}: a local set with its own categories, not comparable with RewardBench",
+                rows,
+                columns,
+                "model",
+            )
+        )
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.6 * len(panels)), squeeze=False)
     for ax, (title, rows, columns, name) in zip(axes[:, 0], panels):
         x = np.arange(len(columns))
@@ -293,8 +325,15 @@ def paper_tables_figure(tables: dict[str, pd.DataFrame], path: str | Path) -> No
             is_reproduced = str(row["source"]).startswith("reproduced")
             label = f"{row[name]}" + (f" [{row['model']}]" if name != "model" else "")
             label += f" — {row['source']}" if not is_reproduced else f" — {row['data set']}"
-            ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=label, hatch="//" if is_reproduced else None,
-                   edgecolor="black" if is_reproduced else None, linewidth=0.4)
+            ax.bar(
+                x - 0.4 + width * (i + 0.5),
+                values,
+                width,
+                label=label,
+                hatch="//" if is_reproduced else None,
+                edgecolor="black" if is_reproduced else None,
+                linewidth=0.4,
+            )
         ax.set_xticks(x, columns)
         ax.set_ylim(0, 100)
         ax.set_ylabel("score (%)")

@@ -60,7 +60,12 @@ def wandb_run(workflow_config: dict, job_type: str, name: str, config: dict):
         name=name,
         id=run_id(workflow_config, job_type, name, config),
         resume="allow",
-        config={**config, "experiment": workflow_config.get("experiment"), "model_name": model.get("name"), "layer": model.get("layer")},
+        config={
+            **config,
+            "experiment": workflow_config.get("experiment"),
+            "model_name": model.get("name"),
+            "layer": model.get("layer"),
+        },
         mode=mode,
         dir=os.environ.get("WANDB_DIR") or os.getcwd(),
     )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for tests/test_slurm.py (and by hand):
+# A real one-node SLURM cluster on this machine, for tests/test_workflow_slurm.py (and by hand):
 #
 #   tests/slurm/up.sh          # install (first time, ~45 s of apt), configure, start, wait for the node
 #   tests/slurm/up.sh stop     # stop the daemons it started
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 CLUSTER=sarm              # ClusterName
-ACCOUNT=sarm              # the account root's jobs are charged to (tests/test_slurm.py passes it)
+ACCOUNT=sarm              # the account root's jobs are charged to (tests/test_workflow_slurm.py passes it)
 PARTITION=debug           # the one partition
 DB_PASS=sarm-local-only   # MariaDB password of the slurm accounting user (local socket, this machine only)
 NODE=$(hostname -s)

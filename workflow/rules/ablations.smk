@@ -9,10 +9,12 @@ rule ablation_orderings:
     output:
         expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"]),
     params:
-        specs=REWARD_MODELS,
+        specs=REWARD_PARAMS,
         models=list(REWARD_MODELS),
         tables=EVAL_TABLES,
     log:
         "logs/ablation_orderings.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/ablation_orderings.py"

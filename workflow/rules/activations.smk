@@ -21,6 +21,8 @@ rule cache_activations:
         "logs/cache_activations/{table}.log",
     benchmark:
         "logs/benchmarks/cache_activations/{table}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_activations.py"
 
@@ -47,6 +49,8 @@ rule cache_tuned_activations:
         "logs/cache_activations/tuned/{rm}/{table}.log",
     benchmark:
         "logs/benchmarks/cache_activations/tuned/{rm}/{table}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_tuned.py"
 
@@ -74,6 +78,8 @@ rule cache_token_corpus:
         "logs/cache_activations/tokens/{table}.log",
     benchmark:
         "logs/benchmarks/cache_activations/tokens/{table}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_activations.py"
 
@@ -90,6 +96,8 @@ rule fetch_sae_corpus:
     log:
         "logs/fetch_sae_corpus.log",
     localrule: True
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/fetch_sae_corpus.py"
 
@@ -117,5 +125,7 @@ rule cache_sae_corpus:
         "logs/cache_activations/corpus-{positions}.log",
     benchmark:
         "logs/benchmarks/cache_activations/corpus-{positions}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_sae_corpus.py"

@@ -17,6 +17,8 @@ rule bon_candidates:
         seed=config["seed"],
     log:
         "logs/bon/candidates.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/bon_candidates.py"
 
@@ -39,6 +41,8 @@ rule cache_bon:
         "logs/cache_activations/bon.log",
     benchmark:
         "logs/benchmarks/cache_activations/bon.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_bon.py"
 
@@ -63,6 +67,8 @@ rule cache_tuned_bon:
         "logs/cache_activations/tuned/{rm}/bon.log",
     benchmark:
         "logs/benchmarks/cache_activations/tuned/{rm}/bon.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/cache_tuned.py"
 
@@ -83,6 +89,8 @@ rule bon_scores:
         runtime=runtime_for("bon_scores"),
     log:
         "logs/bon/scores.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/bon_scores.py"
 
@@ -102,5 +110,7 @@ rule bon_report:
         seed=config["seed"],
     log:
         "logs/bon/report.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/bon_report.py"

@@ -6,14 +6,16 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from sarm.config import check, reward_model_specs
+from sarm.config import check_references, explain_reward_model
 from sarm.errors import SarmError
 from sarm.provenance import PORTABLE_CPU
 from sarm.sae_input import pretrained_input
 
 try:
     check(config, workflow.source_path("../schemas/config.schema.yaml"))  # one line naming the key
-    REWARD_MODELS = reward_model_specs(config)  # name -> {features, mode, sae, topk, recon_weight}
+    REWARD_MODELS = reward_model_specs(config)  # name -> its typed spec (sarm.variants)
     validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
+    check_references(config)  # what the schema cannot say: cross-references between keys
 except SarmError as err:
     raise WorkflowError(str(err)) from None
 
@@ -30,44 +32,15 @@ LAYER = config["model"]["layer"]
 MODEL_DIR = f"{RESOURCES}/models/{MODEL}"
 ACT = f"{RESULTS}/activations/{MODEL}-L{LAYER}"
 SAE = f"{MODEL}-L{LAYER}"
-FROZEN = [name for name, spec in REWARD_MODELS.items() if spec["mode"] == "frozen"]  # heads on cached features
-TUNED = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "frozen"]  # trained on token ids
+REWARD_PARAMS = {name: spec.as_dict() for name, spec in REWARD_MODELS.items()}  # the specs as the rules' params
+FROZEN = [name for name, spec in REWARD_MODELS.items() if spec.trains_on_cache]  # heads on cached features
+TUNED = [name for name, spec in REWARD_MODELS.items() if not spec.trains_on_cache]  # trained on token ids
 # tuned models with a feature head (not full_depth classifiers): their states are cached through their own backbone
-TUNED_HEADS = [name for name in TUNED if REWARD_MODELS[name]["mode"] != "full_depth"]
+TUNED_HEADS = [name for name, spec in REWARD_MODELS.items() if spec.own_backbone and spec.feature_head]
 TUNED_ACT = f"{RESULTS}/activations/tuned"  # <rm>/<table>: the states of a tuned model's own layers 1..L
 BASELINES = ["length"]
 EVAL_TABLES = ["val", *config["eval"]["datasets"]]
 USES_GPU = config["device"] != "cpu"
-
-
-def _check_config():
-    """What the schema cannot say: cross-references between keys."""
-    names = set(config["datasets"])
-    for key in ("train", "eval"):
-        for name in config[key]["datasets"]:
-            if name not in names:
-                raise WorkflowError(f"config key {key}.datasets: {name!r} is not defined under datasets")
-    for name in config["eval"]["datasets"]:
-        if name in ("train", "val"):
-            raise WorkflowError(f"config key eval.datasets: {name!r} is reserved for the training tables")
-        if name in ("tokens", "corpus"):  # {ACT}/<table> would hold the token-level and plain-text SAE caches
-            raise WorkflowError(f"config key eval.datasets: {name!r} is reserved for the SAE corpus caches; rename the data set")
-    tables = ["train", "val", *config["eval"]["datasets"]]
-    for key in ("explain", "shift"):
-        table = config[key]["table"]
-        if table is not None and table not in tables:  # it becomes a folder of the activation cache
-            raise WorkflowError(f"config key {key}.table: {table!r} is not one of the tables ({', '.join(tables)})")
-    sae, model = config["sae"], config["model"]
-    if sae["width"] is not None and sae["k"] is not None and sae["k"] >= sae["width"]:
-        raise WorkflowError(f"config key sae.k = {sae['k']} must be smaller than sae.width = {sae['width']}")
-    if not (model["hub_id"] or model["path"] or model["gguf"]):
-        raise WorkflowError("config key model: give at least one of hub_id, path or gguf")
-    pretrained = sae["pretrained"]
-    if pretrained and not (pretrained.get("path") or {"release", "sae_id"} <= set(pretrained)):
-        raise WorkflowError("config key sae.pretrained: give {path: ...} or {release: ..., sae_id: ...}")
-
-
-_check_config()
 
 
 def _sae_input():
@@ -81,8 +54,8 @@ def _sae_input():
     except SarmError as err:
         raise WorkflowError(str(err)) from None
     for name, spec in REWARD_MODELS.items():
-        if not states["standardize"] and spec["mode"] != "frozen" and spec["features"] == "sae" and spec["sae"] == "sequence":
-            raise WorkflowError(f"config key reward_models.{name}.mode: {spec['mode']} standardises the hidden states, but "
+        if not states["standardize"] and spec.own_backbone and spec.reads_sae == "sequence":
+            raise WorkflowError(f"config key reward_models.{name}.mode: {spec.kind} standardises the hidden states, but "
                                 f"the pretrained SAE (hook {states['hook_name']}) reads raw ones; use mode: frozen")
     return states
 
@@ -117,7 +90,7 @@ def get_final_output():
 def activations_of(rm):
     """The cache folder whose states reward model `rm` reads: the base model's (a frozen backbone) or, for a tuned
     model, its own (rules cache_tuned_activations, cache_tuned_bon)."""
-    return ACT if REWARD_MODELS[rm]["mode"] == "frozen" else f"{TUNED_ACT}/{rm}"
+    return f"{TUNED_ACT}/{rm}" if REWARD_MODELS[rm].own_backbone else ACT
 
 
 def tuned_with_sentences(wildcards):
@@ -127,7 +100,7 @@ def tuned_with_sentences(wildcards):
 
 # Best-of-N scores every model with a head from cached candidates: frozen ones from one cache of the base model,
 # tuned ones from their own (a full_depth classifier has no cached features).
-BON_MODELS = [name for name in REWARD_MODELS if name in FROZEN or name in TUNED_HEADS]
+BON_MODELS = [name for name, spec in REWARD_MODELS.items() if spec.feature_head]
 BON_CACHE = {name: f"{activations_of(name)}/bon" for name in BON_MODELS}  # the cache each model scores from
 
 
@@ -188,7 +161,7 @@ def model_source_files(wildcards):
     if model["path"]:
         folder = model["path"]
         if not os.path.isdir(folder):
-            return []  # the rule names the key: config key model.path: ... is not a model folder
+            return []  # fetch_model's script names the key ("config key model.path: ... is not a model folder")
         return sorted(
             entry.path for entry in os.scandir(folder) if entry.is_file() and not entry.name.endswith(MODEL_SOURCE_SKIPPED)
         )
@@ -229,19 +202,19 @@ def sae_folder(kind):
 def reward_inputs(wildcards):
     """Frozen heads read cached features; tuned models read the pair tables (and the SAE they keep)."""
     spec = REWARD_MODELS[wildcards.rm]
-    if spec["mode"] == "frozen":
+    if spec.trains_on_cache:
         inputs = {"model": MODEL_DIR, "train": f"{ACT}/train", "val": f"{ACT}/val"}
     else:
         inputs = {"model": MODEL_DIR, "train": f"{RESOURCES}/tables/train.parquet", "val": f"{RESOURCES}/tables/val.parquet"}
-    if spec["features"] == "sae" and spec["mode"] != "full_depth":
-        inputs["sae"] = f"{sae_folder(spec['sae'])}/model"
+    if spec.reads_sae:
+        inputs["sae"] = f"{sae_folder(spec.reads_sae)}/model"
     return inputs
 
 
 def eval_inputs(wildcards):
     """A frozen model is scored from the cached states of the table; a tuned one from its text."""
     inputs = {"model": f"{RESULTS}/reward/{wildcards.rm}", "pairs": f"{RESOURCES}/tables/{wildcards.table}.parquet"}
-    if REWARD_MODELS[wildcards.rm]["mode"] == "frozen":
+    if REWARD_MODELS[wildcards.rm].scored_from_cache:
         inputs["activations"] = f"{ACT}/{wildcards.table}"
     return inputs
 
@@ -283,28 +256,37 @@ def gpus():
     return 1 if USES_GPU else 0
 
 
-# --- Interpretability (workflow/rules/explain.smk): the cards and the preference shift of `sarm` ---
-EXPLAIN = f"{RESULTS}/explain/sarm"
-SHIFT = f"{RESULTS}/shift/sarm"
-SARM = REWARD_MODELS.get("sarm")
-SARM_TUNED = bool(SARM) and SARM["mode"] != "frozen"
-# The caches `sarm` is read from: the base model's, or (tuned) those of its own fine-tuned layers 1..L.
-SARM_ACT = activations_of("sarm") if SARM else ACT
+# --- Interpretability (workflow/rules/explain.smk): the cards and the preference shift of the reward model named by
+# config key explain.reward_model (default `sarm`) ---
+EXPLAIN_RM = config["explain"]["reward_model"]
+EXPLAIN = f"{RESULTS}/explain/{EXPLAIN_RM}"
+SHIFT = f"{RESULTS}/shift/{EXPLAIN_RM}"
+try:
+    EXPLAINED = explain_reward_model(config, REWARD_MODELS)  # None: nothing to explain (the default `sarm` absent)
+except SarmError as err:
+    raise WorkflowError(str(err)) from None
+EXPLAIN_SPEC = REWARD_MODELS[EXPLAINED] if EXPLAINED else None
+EXPLAIN_TUNED = bool(EXPLAIN_SPEC) and EXPLAIN_SPEC.own_backbone  # fine-tuned layers 1..L
+# The caches it is read from: the base model's, or (tuned) those of its own fine-tuned layers 1..L.
+EXPLAIN_ACT = activations_of(EXPLAINED) if EXPLAINED else ACT
 # The evaluation table the cards' firing rates and the shift's target come from (default: the first eval set).
 EXPLAIN_TABLE = config["explain"]["table"] or (config["eval"]["datasets"] or ["val"])[0]
 SHIFT_TABLE = config["shift"]["table"] or EXPLAIN_TABLE
 SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or config["shift"]["features"])
 
 
-def cards_backbone():
-    """What the cards' title adds for a tuned SARM (nothing for a frozen one)."""
-    return f" (layers 1..{LAYER} fine-tuned, mode {SARM['mode']})" if SARM_TUNED else ""
+def cards_title():
+    """The cards' title: the model (unless it is the default `sarm`), the base model and layer, for a tuned one its
+    mode, and the table."""
+    name = "" if EXPLAIN_RM == "sarm" else f" of {EXPLAIN_RM}"
+    backbone = f" (layers 1..{LAYER} fine-tuned, mode {EXPLAIN_SPEC.kind})" if EXPLAIN_TUNED else ""
+    return f"SARM feature cards{name}: {MODEL} layer {LAYER}{backbone}, {EXPLAIN_TABLE}"
 
 
 def explain_outputs():
-    """Cards, attributions and the preference shift of the reward model named `sarm` (an SAE head, frozen or tuned:
-    a tuned one is read through its own backbone)."""
-    if not SARM or SARM["features"] != "sae" or SARM["mode"] == "full_depth":
+    """Cards, attributions and the preference shift of the reward model explain.reward_model names (an SAE head,
+    frozen or tuned: a tuned one is read through its own backbone); none when the default `sarm` is not one."""
+    if not EXPLAINED:
         return []
     outputs = [
         *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
@@ -356,6 +338,7 @@ def ablation_outputs():
 
 # --- Cluster resources, computed from the experiment (the model and its numbers: src/sarm/cluster.py) ---
 from sarm import cluster as _cluster
+from sarm.workflow import resources as _resources, slurm as _slurm
 
 MODEL_SHAPE = _cluster.model_shape(config, [MODEL_DIR])  # config.json once fetched, else cluster.model_shape
 
@@ -368,7 +351,8 @@ def _estimate(rule, wildcards, attempt):
     threads = workflow.get_rule(rule).resources["_cores"]
     threads = getattr(threads, "value", threads)  # a Snakemake Resource wrapping the int
     threads = threads if isinstance(threads, int) else 1
-    return _cluster.estimate(rule, config, MODEL_SHAPE, table, wildcards.get("rm"), attempt, threads)
+    rm = wildcards.get("rm")
+    return _resources.estimate(rule, config, MODEL_SHAPE, table, REWARD_MODELS[rm] if rm else None, attempt, threads)
 
 
 def mem_mb_for(rule):
@@ -389,8 +373,8 @@ def gpus_for(rule):
 
 
 onstart:
-    _cluster.check_submission(workflow)
+    _slurm.check_submission(workflow)
 
 
 onerror:
-    _cluster.explain_slurm_failures(workflow, log)  # why SLURM ended a failed job (time, memory)
+    _slurm.explain_slurm_failures(workflow, log)  # why SLURM ended a failed job (time, memory)

@@ -13,6 +13,8 @@ rule fetch_dataset:
     log:
         "logs/fetch_dataset/{dataset}.log",
     localrule: True
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/fetch_dataset.py"
 
@@ -29,6 +31,8 @@ rule train_tables:
         seed=config["seed"],
     log:
         "logs/train_tables.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/train_tables.py"
 
@@ -43,6 +47,8 @@ rule eval_table:
         seed=config["seed"],
     log:
         "logs/eval_table/{table}.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/eval_table.py"
 

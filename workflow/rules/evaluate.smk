@@ -18,6 +18,8 @@ rule evaluate:
         gpu=gpus_for("evaluate"),
     log:
         "logs/evaluate/{rm}/{table}.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/evaluate.py"
 
@@ -30,5 +32,7 @@ rule length_baseline:
         summary=f"{RESULTS}/eval/length/{{table}}/summary.json",
     log:
         "logs/evaluate/length/{table}.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/length_baseline.py"

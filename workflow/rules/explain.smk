@@ -1,12 +1,13 @@
 # Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels) and
-# the preference shift of the SARM head, all from cached activations: the base model's for a frozen SARM, those
-# of its own fine-tuned layers 1..L for a tuned one (SARM_ACT; its targets and paths: workflow/rules/common.smk).
+# the preference shift of the SARM head named by config key explain.reward_model (EXPLAIN_RM, default `sarm`), all
+# from cached activations: the base model's for a frozen head, those of its own fine-tuned layers 1..L for a tuned
+# one (EXPLAIN_ACT; its targets and paths: workflow/rules/common.smk).
 
 
 rule attributions:
     input:
-        model=f"{RESULTS}/reward/sarm",
-        activations=f"{SARM_ACT}/{{table}}",
+        model=f"{RESULTS}/reward/{EXPLAIN_RM}",
+        activations=f"{EXPLAIN_ACT}/{{table}}",
         pairs=f"{RESOURCES}/tables/{{table}}.parquet",
     output:
         f"{EXPLAIN}/attributions/{{table}}.parquet",
@@ -15,17 +16,19 @@ rule attributions:
         runtime=runtime_for("attributions"),
     log:
         "logs/explain/attributions/{table}.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/attributions.py"
 
 
 rule feature_stats:
     input:
-        model=f"{RESULTS}/reward/sarm",
+        model=f"{RESULTS}/reward/{EXPLAIN_RM}",
         base_model=MODEL_DIR,
-        activations=f"{SARM_ACT}/{EXPLAIN_TABLE}",
+        activations=f"{EXPLAIN_ACT}/{EXPLAIN_TABLE}",
         pairs=f"{RESOURCES}/tables/{EXPLAIN_TABLE}.parquet",
-        corpus=f"{SARM_ACT}/train",
+        corpus=f"{EXPLAIN_ACT}/train",
         corpus_pairs=f"{RESOURCES}/tables/train.parquet",
     output:
         f"{EXPLAIN}/features.json",
@@ -39,6 +42,8 @@ rule feature_stats:
         "logs/explain/feature_stats.log",
     benchmark:
         "logs/benchmarks/explain/feature_stats.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/feature_stats.py"
 
@@ -62,6 +67,8 @@ rule label_features:
         "logs/explain/label_features.log",
     benchmark:
         "logs/benchmarks/explain/label_features.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/label_features.py"
 
@@ -73,18 +80,20 @@ rule feature_cards:
     output:
         report(f"{EXPLAIN}/cards.html", caption="../report/feature_cards.rst", category="Interpretability"),
     params:
-        title=f"SARM feature cards: {MODEL} layer {LAYER}{cards_backbone()}, {EXPLAIN_TABLE}",
+        title=cards_title(),
         n_show=config["explain"]["n_show"],
     log:
         "logs/explain/feature_cards.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/feature_cards.py"
 
 
 rule preference_shift:
     input:
-        model=f"{RESULTS}/reward/sarm",
-        activations=expand(f"{SARM_ACT}/{{table}}", table=EVAL_TABLES),
+        model=f"{RESULTS}/reward/{EXPLAIN_RM}",
+        activations=expand(f"{EXPLAIN_ACT}/{{table}}", table=EVAL_TABLES),
         pairs=expand(f"{RESOURCES}/tables/{{table}}.parquet", table=EVAL_TABLES),
     output:
         model=directory(f"{SHIFT}/model"),
@@ -106,5 +115,7 @@ rule preference_shift:
         runtime=runtime_for("preference_shift"),
     log:
         "logs/explain/preference_shift.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/preference_shift.py"

@@ -13,5 +13,7 @@ rule fetch_model:
     log:
         f"logs/fetch_model/{MODEL}.log",
     localrule: True
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/fetch_model.py"

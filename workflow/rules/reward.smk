@@ -12,7 +12,7 @@ rule train_reward:
     wildcard_constraints:
         rm=_alternatives_or_none(FROZEN),
     params:
-        spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
+        spec=lambda wildcards: REWARD_PARAMS[wildcards.rm],
         reward=config["reward"],
         model=model_settings(),
         seed=config["seed"],
@@ -24,6 +24,8 @@ rule train_reward:
         "logs/train_reward/{rm}.log",
     benchmark:
         "logs/benchmarks/train_reward/{rm}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/train_reward.py"
 
@@ -36,7 +38,7 @@ rule finetune_reward:
     wildcard_constraints:
         rm=_alternatives_or_none(TUNED),
     params:
-        spec=lambda wildcards: REWARD_MODELS[wildcards.rm],
+        spec=lambda wildcards: REWARD_PARAMS[wildcards.rm],
         finetune=config["finetune"],
         model=model_settings(),
         device=config["device"],
@@ -50,5 +52,7 @@ rule finetune_reward:
         "logs/finetune_reward/{rm}.log",
     benchmark:
         "logs/benchmarks/finetune_reward/{rm}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/finetune_reward.py"

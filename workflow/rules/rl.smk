@@ -4,12 +4,11 @@
 
 RL = config["rl"]
 RL_DIR = f"{RESULTS}/rl/{RL['reward']}"
-RL_POLICY = RL["policy"] or MODEL_DIR  # null: the workflow's own base model
 RL_TRAIN_KEYS = [
     "steps", "prompts_per_step", "num_generations", "max_completion_length", "learning_rate", "beta",
     "temperature", "lora", "use_vllm", "gradient_checkpointing",
 ]
-RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec["mode"] != "full_depth"]  # RewardModel folders
+RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec.feature_head]  # RewardModel folders
 if RL["reward"] not in RL_JUDGES:
     raise WorkflowError(f"config key rl.reward: {RL['reward']!r} is not a trained SARM or dense-head reward model ({', '.join(RL_JUDGES)})")
 
@@ -18,6 +17,8 @@ RL_OUTPUT = [
     f"{RL_DIR}/figures/curves.png",
 ]
 RL_POLICY_INPUT = [MODEL_DIR] if RL["policy"] is None else []  # a DAG input only when the workflow fetches it
+# The policy: rl.policy, or (null) the workflow's own base model, read from the rule's input (snakemake --lint)
+rl_policy = lambda wildcards, input: input.policy[0] if input.policy else RL["policy"]
 
 
 rule rl:
@@ -33,12 +34,14 @@ rule rl_prompts:
         f"{RL_DIR}/prompts.parquet",
     params:
         sets=RL["prompts"],
-        policy=RL_POLICY,
+        policy=rl_policy,
         heldout=RL["heldout"],
         max_prompt_tokens=RL["max_prompt_tokens"],
         seed=config["seed"],
     log:
         f"logs/rl/{RL['reward']}/prompts.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/rl_prompts.py"
 
@@ -52,7 +55,7 @@ rule rl_train:
         policy=directory(f"{RL_DIR}/policy"),
         history=f"{RL_DIR}/history.csv",
     params:
-        policy=RL_POLICY,
+        policy=rl_policy,
         reward=RL["reward"],
         settings={k: RL[k] for k in RL_TRAIN_KEYS},
         device=config["device"],
@@ -66,6 +69,8 @@ rule rl_train:
         f"logs/rl/{RL['reward']}/train.log",
     benchmark:
         f"logs/benchmarks/rl/{RL['reward']}/train.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/rl_train.py"
 
@@ -80,7 +85,7 @@ rule rl_evaluate:
         completions=f"{RL_DIR}/eval/completions.parquet",
         contributions=f"{RL_DIR}/eval/contributions.parquet",
     params:
-        initial=RL_POLICY,
+        initial=rl_policy,
         judges=RL_JUDGES,
         audited=RL["reward"],
         max_new_tokens=RL["max_completion_length"],
@@ -95,6 +100,8 @@ rule rl_evaluate:
         f"logs/rl/{RL['reward']}/evaluate.log",
     benchmark:
         f"logs/benchmarks/rl/{RL['reward']}/evaluate.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/rl_evaluate.py"
 
@@ -114,5 +121,7 @@ rule rl_tables:
         audit_features=RL["audit_features"],
     log:
         f"logs/rl/{RL['reward']}/tables.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/rl_tables.py"

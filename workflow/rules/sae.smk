@@ -23,6 +23,8 @@ rule sae:
         f"logs/sae/{SAE}.log",
     benchmark:
         f"logs/benchmarks/sae/{SAE}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/train_sae.py"
 
@@ -49,5 +51,7 @@ rule sae_variant:
         f"logs/sae/{SAE}-{{sae_kind}}.log",
     benchmark:
         f"logs/benchmarks/sae/{SAE}-{{sae_kind}}.tsv"
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/train_sae.py"

@@ -22,6 +22,8 @@ rule tables:
         tables=EVAL_TABLES,
     log:
         "logs/tables.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/tables.py"
 
@@ -34,6 +36,8 @@ rule provenance:
         f"{RESULTS}/provenance.json",
     log:
         "logs/provenance.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/provenance.py"
 
@@ -62,12 +66,14 @@ rule paper_tables:
         tables=EVAL_TABLES,
         names=PAPER_TABLES,
         # name -> spec (features, mode, sae, topk): which reward model is which ablation row of Table 2
-        reward_models=REWARD_MODELS,
+        reward_models=REWARD_PARAMS,
         reference=paper_reference_folder(),
         leaderboard_models=config["paper_tables"]["leaderboard_models"],
         backbone=MODEL,
         stand_in=config["miniature"]["enabled"],  # the official sets are the miniature's stand-ins: rows say so
     log:
         "logs/paper_tables.log",
+    conda:
+        "../envs/sarm.yaml"
     script:
         "../scripts/paper_tables.py"

@@ -15,9 +15,19 @@ def main(snakemake):
     n, prompts = scores["candidate"].nunique(), scores["id"].nunique()
     table = winrate_table(win_rates(scores, p.models), published)
     note = caches_note(inp.activations)
-    write_table(table, Path(out.winrate[0]).with_suffix(""), f"Best-of-{n} win rate (%) vs the reference on {prompts} prompts; published rows are best-of-16 on 805", note)
+    write_table(
+        table,
+        Path(out.winrate[0]).with_suffix(""),
+        f"Best-of-{n} win rate (%) vs the reference on {prompts} prompts; published rows are best-of-16 on 805",
+        note,
+    )
     curve = win_rate_curve(scores, p.models, p.draws, p.seed)
-    write_table(curve.round(2), Path(out.curve[0]).with_suffix(""), f"Win rate (%) against N: mean over {p.draws} random candidate subsets per N", note)
+    write_table(
+        curve.round(2),
+        Path(out.curve[0]).with_suffix(""),
+        f"Win rate (%) against N: mean over {p.draws} random candidate subsets per N",
+        note,
+    )
     curve_figure(curve, published, out.figure)
 
 

@@ -12,8 +12,16 @@ def main(snakemake):
     batch_size = snakemake.config["model"]["batch_size"]  # throughput only: not a param, so changing it re-runs nothing
     tokenizer, model, device, meta = load_backbone(spec, snakemake.input.model, snakemake.params.device)
     info = cache_texts(
-        model, tokenizer, pd.read_parquet(snakemake.input.texts), snakemake.output[0], snakemake.params.max_length,
-        batch_size, device, meta, corpus=snakemake.wildcards.positions, max_tokens=snakemake.params.max_tokens,
+        model,
+        tokenizer,
+        pd.read_parquet(snakemake.input.texts),
+        snakemake.output[0],
+        snakemake.params.max_length,
+        batch_size,
+        device,
+        meta,
+        corpus=snakemake.wildcards.positions,
+        max_tokens=snakemake.params.max_tokens,
     )
     logging.info("cached %s", info)
 

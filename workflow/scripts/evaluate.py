@@ -3,8 +3,8 @@ import json
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
 from sarm.evaluate import score_cached, score_text
-from sarm.finetune import load_reward_model
 from sarm.provenance import computed_with
+from sarm.reward_model import load
 from sarm.rewardbench import summarize
 from sarm.workflow import run_script
 
@@ -12,12 +12,12 @@ from sarm.workflow import run_script
 def main(snakemake):
     pairs = read_pairs(snakemake.input.pairs)
     if "activations" in snakemake.input.keys():  # frozen backbone: the cached states
-        model = load_reward_model(snakemake.input.model)
+        model = load(snakemake.input.model)
         cache = ActivationCache(snakemake.input.activations)
         scores, where = score_cached(model, cache, pairs), computed_with(model, cache)
     else:  # a tuned backbone: from the text; its own code runs only if the config allows it (model.trust_remote_code)
         trust = snakemake.config["model"]["trust_remote_code"]
-        model = load_reward_model(snakemake.input.model, snakemake.params.device, trust)
+        model = load(snakemake.input.model, snakemake.params.device, trust)
         scores = score_text(model, pairs, snakemake.params.batch_size)
         where = computed_with(model, device=snakemake.params.device)
     scores.to_parquet(snakemake.output.scores, index=False)

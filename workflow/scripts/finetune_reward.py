@@ -15,15 +15,32 @@ def main(snakemake):
     n = processes(p.finetune, device)
     available_mb = snakemake.resources.mem_mb
     if device == "cpu" and snakemake.resources.get("gpu", 0):  # device: auto found no GPU on the node
-        logging.warning("sized for a GPU (config key device: %s) but running on the CPU: the host memory this needs is "
-                        "not checked against the %s MB declared for a GPU job", p.device, f"{available_mb:,}")
+        logging.warning(
+            "sized for a GPU (config key device: %s) but running on the CPU: the host memory this needs is "
+            "not checked against the %s MB declared for a GPU job",
+            p.device,
+            f"{available_mb:,}",
+        )
         available_mb = None
     job = write_job(
-        f"{out}.job.json", spec=p.spec, settings=p.finetune, model_dir=snakemake.input.model, model_spec=p.model,
-        train=snakemake.input.train, val=snakemake.input.val, out_dir=out, sae=snakemake.input.get("sae"),
-        device=device, seed=p.seed, available_mb=available_mb,
-        tracking={"workflow_config": {k: v for k, v in snakemake.config.items() if k in ("experiment", "wandb", "model")},
-                  "job_type": "finetune_reward", "name": rm, "config": {**p.spec, **p.finetune}},
+        f"{out}.job.json",
+        spec=p.spec,
+        settings=p.finetune,
+        model_dir=snakemake.input.model,
+        model_spec=p.model,
+        train=snakemake.input.train,
+        val=snakemake.input.val,
+        out_dir=out,
+        sae=snakemake.input.get("sae"),
+        device=device,
+        seed=p.seed,
+        available_mb=available_mb,
+        tracking={
+            "workflow_config": {k: v for k, v in snakemake.config.items() if k in ("experiment", "wandb", "model")},
+            "job_type": "finetune_reward",
+            "name": rm,
+            "config": {**p.spec, **p.finetune},
+        },
     )
     if n == 1:
         run_job(job)

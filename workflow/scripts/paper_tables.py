@@ -28,7 +28,9 @@ def main(snakemake):
             summaries[key] = json.load(f)
     tables = paper_tables(summaries, p.reward_models, p.reference, p.leaderboard_models, p.backbone, p.stand_in)
     for name, stem in zip(p.names, snakemake.output.tables[::2]):
-        title = TITLES[name].replace("the official benchmark", "stand-ins scored the official way") if p.stand_in else TITLES[name]
+        title = (
+            TITLES[name].replace("the official benchmark", "stand-ins scored the official way") if p.stand_in else TITLES[name]
+        )
         write_table(tables[name], Path(stem).with_suffix(""), title, f"{NOTE} {computed_with_note(summaries.values())}".strip())
     paper_tables_figure(tables, snakemake.output.figure)
 

@@ -4,7 +4,7 @@ import tempfile
 import pandas as pd
 
 from sarm import models
-from sarm.reward import RewardModel
+from sarm.reward_model import load_feature_head
 from sarm.rl import RewardFunction, curve_ends, train_policy
 from sarm.tracking import wandb_run
 from sarm.workflow import run_script
@@ -15,10 +15,20 @@ def main(snakemake):
     device = models.resolve_device(p.device)
     prompts = pd.read_parquet(snakemake.input.prompts)
     trust = snakemake.config["model"]["trust_remote_code"]  # the config allows the base model's own code, not the folder
-    reward = RewardFunction(RewardModel.from_pretrained(snakemake.input.reward, device, trust), p.reward)
-    with wandb_run(snakemake.config, "rl_train", f"grpo-{p.reward}", dict(p.settings)) as run, tempfile.TemporaryDirectory() as work:
+    reward = RewardFunction(load_feature_head(snakemake.input.reward, device, trust), p.reward)
+    with (
+        wandb_run(snakemake.config, "rl_train", f"grpo-{p.reward}", dict(p.settings)) as run,
+        tempfile.TemporaryDirectory() as work,
+    ):
         history = train_policy(
-            p.policy, reward, prompts, p.settings, snakemake.output.policy, work, p.seed, device,
+            p.policy,
+            reward,
+            prompts,
+            p.settings,
+            snakemake.output.policy,
+            work,
+            p.seed,
+            device,
             report_to=["wandb"] if run is not None else "none",
         )
     history.to_csv(snakemake.output.history, index=False)

@@ -28,7 +28,9 @@ def main(snakemake):
     sae = load(snakemake.input.sae)
     rows = [{"heldout": name.removeprefix("heldout_"), **sae[name]} for name in sae if name.startswith("heldout_")]
     sae_table = pd.DataFrame(rows).assign(width=sae["width"], k=sae["k"]).round(4)
-    write_table(sae_table, Path(snakemake.output.sae[0]).with_suffix(""), "SAE on held-out activations", computed_with_note([sae]))
+    write_table(
+        sae_table, Path(snakemake.output.sae[0]).with_suffix(""), "SAE on held-out activations", computed_with_note([sae])
+    )
     accuracy_figure(figure, snakemake.output.figure)
 
 

@@ -5,7 +5,7 @@ missing data file (test_workflow); unreadable, truncated, non-UTF-8 or malformed
 skipped rows, duplicated ids and unreachable hubs (test_data); a model without a chat template and an
 unreachable model (test_models); a corrupted SAE and k >= width (test_sae); an SAE/head width mismatch
 and a stale cache (test_reward); unfinished caches (test_activations); half-written checkpoints
-(test_faults).
+(test_checkpoints).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from sarm import activations as A
 from sarm import models
 from sarm.data import load_pairs
 from sarm.errors import SarmError
-from sarm.reward import RewardModel, train_head
+from sarm.reward import train_head
+from sarm.reward_model import RewardModel
 from sarm.sae import prepare_sae
 
 
@@ -80,7 +81,9 @@ def test_pretrained_sae_of_another_width_is_refused(tmp_path):
         hidden_size = 12
 
     settings = {"pretrained": {"path": str(tmp_path / "sae")}}
-    message = r"^config key sae.pretrained: the SAE \(no hook name\) reads 8-dim inputs, but the model's cached states are 12-dim$"
+    message = (
+        r"^config key sae.pretrained: the SAE \(no hook name\) reads 8-dim inputs, but the model's cached states are 12-dim$"
+    )
     with pytest.raises(SarmError, match=message):
         prepare_sae(settings, Cache(), "cpu", 0, {})
 

@@ -11,7 +11,8 @@ from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sarm import activations as A
 from sarm import models
 from sarm.errors import SarmError
-from sarm.reward import fit_reward_model, sae_features
+from sarm.reward import fit_reward_model
+from sarm.reward_model import sae_features
 from sarm.sae import prepare_sae
 from sarm.sae_input import pretrained_input, sae_input
 
@@ -56,18 +57,26 @@ def test_hook_names_map_to_hidden_states(hook, index, standardize):
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (cfg_of("blocks.2.hook_resid_post"),
-         "config key sae.pretrained: the SAE's hook blocks.2.hook_resid_post reads hidden_states[3], but config key "
-         "model.layer = 2 caches hidden_states[2]; set model.layer: 3"),
-        (cfg_of("blocks.1.hook_mlp_out"),
-         "config key sae.pretrained: the SAE's hook blocks.1.hook_mlp_out is not a residual-stream state"),
+        (
+            cfg_of("blocks.2.hook_resid_post"),
+            "config key sae.pretrained: the SAE's hook blocks.2.hook_resid_post reads hidden_states[3], but config key "
+            "model.layer = 2 caches hidden_states[2]; set model.layer: 3",
+        ),
+        (
+            cfg_of("blocks.1.hook_mlp_out"),
+            "config key sae.pretrained: the SAE's hook blocks.1.hook_mlp_out is not a residual-stream state",
+        ),
         (cfg_of("blocks.1.attn.hook_z"), "the SAE's hook blocks.1.attn.hook_z is not a residual-stream state"),
-        (cfg_of("blocks.1.hook_resid_post", "expected_average_only_in"),
-         "config key sae.pretrained: the SAE (hook blocks.1.hook_resid_post) expects normalize_activations = "
-         "'expected_average_only_in'"),
-        (cfg_of("blocks.1.hook_resid_post", "covariance_whitening"),
-         "expects normalize_activations = 'covariance_whitening', which sae-lens does not apply inside encode "
-         "(config key model.layer = 2"),
+        (
+            cfg_of("blocks.1.hook_resid_post", "expected_average_only_in"),
+            "config key sae.pretrained: the SAE (hook blocks.1.hook_resid_post) expects normalize_activations = "
+            "'expected_average_only_in'",
+        ),
+        (
+            cfg_of("blocks.1.hook_resid_post", "covariance_whitening"),
+            "expects normalize_activations = 'covariance_whitening', which sae-lens does not apply inside encode "
+            "(config key model.layer = 2",
+        ),
     ],
 )
 def test_a_mismatch_is_refused_in_one_line_naming_the_hook_and_the_layer(cfg, message):
@@ -79,7 +88,10 @@ def test_a_mismatch_is_refused_in_one_line_naming_the_hook_and_the_layer(cfg, me
 
 def test_the_registry_folds_its_norm_scaling_factor():
     """SAE.from_pretrained folds a release's recorded scale into the weights: then the SAE reads raw states."""
-    assert sae_input(cfg_of("blocks.1.hook_resid_post", "expected_average_only_in"), LAYER, folded=True)["normalize_activations"] == "none"
+    assert (
+        sae_input(cfg_of("blocks.1.hook_resid_post", "expected_average_only_in"), LAYER, folded=True)["normalize_activations"]
+        == "none"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +117,13 @@ def test_pipeline_features_are_the_sae_of_the_raw_hook_state(tiny_model_dir, hh_
     folder = save_public_sae(tmp_path / "sae", normalize=normalize)
     tokenizer, model = backbone
     states = pretrained_input({"path": str(folder)}, LAYER)
-    assert states == {"hook_name": "blocks.1.hook_resid_post", "hidden_states": 2, "standardize": False,
-                      "normalize_activations": normalize, "d_in": 64}
+    assert states == {
+        "hook_name": "blocks.1.hook_resid_post",
+        "hidden_states": 2,
+        "standardize": False,
+        "normalize_activations": normalize,
+        "d_in": 64,
+    }
     pairs = hh_pairs.iloc[:3].reset_index(drop=True)
     meta = {"model": "tiny", "layer": LAYER, "dtype": "float32", "sae_input": states}
     A.cache_activations(model, tokenizer, pairs, tmp_path / "train", SPEC["max_length"], 4, meta=meta)
@@ -122,8 +139,15 @@ def test_pipeline_features_are_the_sae_of_the_raw_hook_state(tiny_model_dir, hh_
     torch.testing.assert_close(sae_features(sae, cache.final()), expected, atol=1e-4, rtol=1e-4)
 
     # the reward model records that it reads raw states, and scores text through the same path
-    reward, _ = fit_reward_model({"features": "sae"}, cache, cache, tiny_model_dir, SPEC,
-                                 {"epochs": 1, "lr": 0.01, "batch_size": 2, "weight_decay": 0.0}, sae)
+    reward, _ = fit_reward_model(
+        {"features": "sae"},
+        cache,
+        cache,
+        tiny_model_dir,
+        SPEC,
+        {"epochs": 1, "lr": 0.01, "batch_size": 2, "weight_decay": 0.0},
+        sae,
+    )
     assert reward.config["standardize"] == {"per_token": False} and reward.config["sae_input"] == states
     reward.weight = torch.randn_like(reward.weight)
     from_text = reward.score([s.prompt for s in pairs.itertuples()], [s.chosen for s in pairs.itertuples()])
@@ -136,8 +160,10 @@ def test_a_wider_sae_is_refused_before_the_forward_pass(hh_pairs, backbone, tmp_
     meta = {"layer": LAYER, "sae_input": pretrained_input({"path": str(folder)}, LAYER)}
     with pytest.raises(SarmError) as err:
         A.cache_activations(model, tokenizer, hh_pairs.iloc[:2], tmp_path / "train", 96, 4, meta=meta)
-    assert str(err.value) == ("config key sae.pretrained: the SAE (hook blocks.1.hook_resid_post) reads 32-dim inputs, "
-                              "but the model's hidden_states[2] (config key model.layer = 2) are 64-dim")
+    assert str(err.value) == (
+        "config key sae.pretrained: the SAE (hook blocks.1.hook_resid_post) reads 32-dim inputs, "
+        "but the model's hidden_states[2] (config key model.layer = 2) are 64-dim"
+    )
     assert not (tmp_path / "train" / A.META_FILE).exists()
 
 
@@ -146,8 +172,11 @@ def test_a_cache_of_standardised_states_is_refused_for_a_raw_sae(hh_pairs, backb
     folder = save_public_sae(tmp_path / "sae")
     tokenizer, model = backbone
     A.cache_activations(model, tokenizer, hh_pairs.iloc[:2], tmp_path / "train", 96, 4, meta={"layer": LAYER})
-    with pytest.raises(SarmError, match=r"the SAE \(hook blocks.1.hook_resid_post\) reads raw hidden states, but the "
-                                        r"activation cache holds standardised ones \(config key model.layer = 2\)"):
+    with pytest.raises(
+        SarmError,
+        match=r"the SAE \(hook blocks.1.hook_resid_post\) reads raw hidden states, but the "
+        r"activation cache holds standardised ones \(config key model.layer = 2\)",
+    ):
         prepare_sae({**SETTINGS, "pretrained": {"path": str(folder)}}, A.ActivationCache(tmp_path / "train"), "cpu", 0, {})
 
 
@@ -166,14 +195,17 @@ def test_workflow_refuses_a_layer_mismatch_at_start(tiny_model_dir, shared_data,
     config["sae"]["pretrained"] = {"path": str(save_public_sae(tmp_path / "sae", hook="blocks.2.hook_resid_post"))}
     result = snakemake(tmp_path / "w", config, "-n")
     assert result.returncode != 0
-    assert ("config key sae.pretrained: the SAE's hook blocks.2.hook_resid_post reads hidden_states[3], but config key "
-            "model.layer = 2 caches hidden_states[2]") in result.stdout + result.stderr
+    assert (
+        "config key sae.pretrained: the SAE's hook blocks.2.hook_resid_post reads hidden_states[3], but config key "
+        "model.layer = 2 caches hidden_states[2]"
+    ) in result.stdout + result.stderr
     assert not (tmp_path / "w" / "results").exists()
 
 
 def test_a_registry_sae_whose_config_cannot_be_read_is_refused_naming_the_way_out(offline):
     with pytest.raises(SarmError) as err:
         pretrained_input({"release": "gpt2-small-res-jb", "sae_id": "blocks.1.hook_resid_pre"}, LAYER)
-    assert str(err.value).startswith("config key sae.pretrained: the config of SAE gpt2-small-res-jb/blocks.1.hook_resid_pre "
-                                     "could not be read (")
+    assert str(err.value).startswith(
+        "config key sae.pretrained: the config of SAE gpt2-small-res-jb/blocks.1.hook_resid_pre could not be read ("
+    )
     assert str(err.value).endswith("save it as a folder and give {path: ...}") and "\n" not in str(err.value)

@@ -60,8 +60,19 @@ def slurm_args(*set_resources: str) -> list[str]:
     defaults = [f"{k}={local_site(k, v)}" for k, v in profile["default-resources"].items()]
     sets = [f"{rule}:{k}={local_site(k, v)}" for rule, res in profile["set-resources"].items() for k, v in res.items()]
     return [
-        "--workflow-profile", str(PROFILE), "--default-resources", *defaults, "--set-resources", *sets, *set_resources,
-        "--max-threads", "2", "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1",
+        "--workflow-profile",
+        str(PROFILE),
+        "--default-resources",
+        *defaults,
+        "--set-resources",
+        *sets,
+        *set_resources,
+        "--max-threads",
+        "2",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--seconds-between-status-checks",
+        "1",
     ]
 
 
@@ -83,15 +94,23 @@ def submitted(output: str) -> dict[str, dict]:
         fields = dict(re.findall(r"^    (\w+): (.*)$", m.group(2), re.M))
         resources = dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if "=" in kv)
         wildcards = [kv.split("=", 1)[1] for kv in fields["wildcards"].split(", ")] if "wildcards" in fields else []
-        blocks[fields["jobid"]] = {"rule": m.group(1), "wildcards": wildcards, "threads": int(fields.get("threads", 1)),
-                                   "resources": resources}
+        blocks[fields["jobid"]] = {
+            "rule": m.group(1),
+            "wildcards": wildcards,
+            "threads": int(fields.get("threads", 1)),
+            "resources": resources,
+        }
     return {slurm: blocks[job] for job, slurm in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)}
 
 
 def sacct(*job_ids: str) -> dict[str, dict]:
     fields = ["JobID", "JobName", "Comment", "State", "ReqMem", "Timelimit", "ReqCPUS", "ReqTRES", "AllocTRES"]
-    out = subprocess.run(["sacct", "-X", "-P", "-n", "-j", ",".join(job_ids), f"--format={','.join(fields)}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-j", ",".join(job_ids), f"--format={','.join(fields)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {row[0]: dict(zip(fields, row)) for row in (line.split("|") for line in out.splitlines())}
 
 
@@ -116,8 +135,9 @@ def runs(tiny_model_dir, shared_data, tmp_path_factory):
     local = {}
     thread = threading.Thread(target=lambda: local.update(result=snakemake(root / "local", config, TARGET)))
     thread.start()
-    first = run_slurm(root / "slurm", config, TARGET, *slurm_args(f"sae:mem_mb={STARVED_MB}", "length_baseline:gpu=1"),
-                      "--retries", "0")
+    first = run_slurm(
+        root / "slurm", config, TARGET, *slurm_args(f"sae:mem_mb={STARVED_MB}", "length_baseline:gpu=1"), "--retries", "0"
+    )
     thread.join()
     again = run_slurm(root / "slurm", config, TARGET, *slurm_args("length_baseline:gpu=1"), "--rerun-incomplete")
     return {"root": root, "first": first, "again": again, "local": local.get("result")}
@@ -135,8 +155,11 @@ def test_job_killed_by_slurm_names_its_log_and_reason_then_rerun_finishes(runs):
     assert "exceeded memory limit" in slurm_log.read_text()
     assert sacct(job)[job]["State"] in ("FAILED", "OUT_OF_MEMORY")
     # the plugin itself says only "SLURM status is: 'FAILED'. Reason: Unknown"; the workflow's onerror says why
-    line = re.search(rf"SLURM job {job} \(rule sae\) was killed by SLURM over its memory \(peak (\d+) MB of the (\d+) MB asked\)"
-                     rf".*its SLURM log: (\S+)", out)
+    line = re.search(
+        rf"SLURM job {job} \(rule sae\) was killed by SLURM over its memory \(peak (\d+) MB of the (\d+) MB asked\)"
+        rf".*its SLURM log: (\S+)",
+        out,
+    )
     assert line, out[-3000:]
     assert int(line.group(1)) > int(line.group(2)) == STARVED_MB and line.group(3) == str(slurm_log)
     # keep-going: the branches that do not need the SAE finished on SLURM
@@ -150,8 +173,21 @@ def test_every_job_went_through_sbatch_and_slurm_recorded_what_it_asked(runs):
     jobs = {**submitted(runs["first"].stdout + runs["first"].stderr), **submitted(runs["again"].stdout + runs["again"].stderr)}
     rules = sorted(spec["rule"] for spec in jobs.values())
     # every job of the DAG but the fetches (local rules: the login node has the internet) ran as a SLURM job
-    assert rules == sorted(["train_tables", "cache_activations", "cache_activations", "sae", "sae", "train_reward",
-                            "train_reward", "evaluate", "evaluate", "length_baseline", "tables"])
+    assert rules == sorted(
+        [
+            "train_tables",
+            "cache_activations",
+            "cache_activations",
+            "sae",
+            "sae",
+            "train_reward",
+            "train_reward",
+            "evaluate",
+            "evaluate",
+            "length_baseline",
+            "tables",
+        ]
+    )
     records = sacct(*jobs)
     assert set(records) == set(jobs)
     run_ids = set(re.findall(r"SLURM run ID: (\S+)", "".join(runs[k].stdout + runs[k].stderr for k in ("first", "again"))))
@@ -203,14 +239,21 @@ def test_outputs_are_identical_to_a_local_run(runs):
     slurm, here = runs["root"] / "slurm", runs["root"] / "local"
 
     def results(root):
-        return sorted(p.relative_to(root) for p in (root / "results").rglob("*") if p.is_file() and p.name != ".snakemake_timestamp")
+        return sorted(
+            p.relative_to(root) for p in (root / "results").rglob("*") if p.is_file() and p.name != ".snakemake_timestamp"
+        )
 
     files = results(here)
     assert results(slurm) == files
     assert {str(p) for p in files} >= {
-        "results/sae/tiny-L2/model/sae_weights.safetensors", "results/reward/sarm/head.safetensors",
-        "results/reward/dense/head.safetensors", "results/eval/sarm/val/scores.parquet", "results/eval/dense/val/scores.parquet",
-        "results/tables/accuracy_val.csv", "results/tables/sae_metrics.csv", "results/activations/tiny-L2/train/shard_00000.safetensors",
+        "results/sae/tiny-L2/model/sae_weights.safetensors",
+        "results/reward/sarm/head.safetensors",
+        "results/reward/dense/head.safetensors",
+        "results/eval/sarm/val/scores.parquet",
+        "results/eval/dense/val/scores.parquet",
+        "results/tables/accuracy_val.csv",
+        "results/tables/sae_metrics.csv",
+        "results/activations/tiny-L2/train/shard_00000.safetensors",
     }
     differ = [str(p) for p in files if comparable(slurm / p, slurm) != comparable(here / p, here)]
     assert differ == []
@@ -230,7 +273,9 @@ def small_run(tmp_path: Path, config: dict, *args: str, env: dict | None = None)
 def test_more_gpus_than_a_node_has_is_refused_before_submitting(tiny_model_dir, shared_data, tmp_path):
     """The node has one GPU: a job asking for two would wait in the queue forever."""
     out = small_run(tmp_path, tiny_config(tiny_model_dir, shared_data), "length_baseline:gpu=2")
-    assert f"SLURM partition '{PARTITION}' has no node with more than 1 GPU(s) (sinfo -o %G), but length_baseline asks for 2" in out
+    assert (
+        f"SLURM partition '{PARTITION}' has no node with more than 1 GPU(s) (sinfo -o %G), but length_baseline asks for 2" in out
+    )
 
 
 def test_gpu_rules_on_a_cluster_without_gpus_are_refused_before_submitting(tiny_model_dir, shared_data, tmp_path):
@@ -242,15 +287,24 @@ def test_gpu_rules_on_a_cluster_without_gpus_are_refused_before_submitting(tiny_
     (shim / "sinfo").chmod(0o755)
     config = tiny_config(tiny_model_dir, shared_data) | {"device": "cuda"}
     out = small_run(tmp_path / "w", config, env={"PATH": f"{shim}:{os.environ['PATH']}"})
-    assert f"SLURM partition '{PARTITION}' has no node with more than 0 GPU(s) (sinfo -o %G), but cache_activations asks for 1" in out
+    assert (
+        f"SLURM partition '{PARTITION}' has no node with more than 0 GPU(s) (sinfo -o %G), but cache_activations asks for 1"
+        in out
+    )
     assert "Run on the CPU (config key device: cpu)" in out
 
 
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("SlurmctldPort=6899", "SLURM: the SLURM controller (slurmctld) is not reachable: `sinfo --noheader --Node '--format=%P|%G'` failed ("),
-        ("AccountingStoragePort=6899", "SLURM: SLURM accounting (slurmdbd) is not reachable: `sacct --noheader --allocations --starttime=now --format=JobID` failed ("),
+        (
+            "SlurmctldPort=6899",
+            "SLURM: the SLURM controller (slurmctld) is not reachable: `sinfo --noheader --Node '--format=%P|%G'` failed (",
+        ),
+        (
+            "AccountingStoragePort=6899",
+            "SLURM: SLURM accounting (slurmdbd) is not reachable: `sacct --noheader --allocations --starttime=now --format=JobID` failed (",
+        ),
     ],
 )
 def test_cluster_down_gives_one_message_naming_the_daemon(tiny_model_dir, shared_data, tmp_path, setting, message):

@@ -48,9 +48,18 @@ def rb2_row(row_id, subset, chosen, rejected, **extra):
         "total_completions": len(chosen) + len(rejected),
         "models": ["model-a"] * (len(chosen) + len(rejected)),
         "subset": subset,
-        "additional_metadata": {"category": "c", "correct": None, "index": 1.0, "instruction_id_list": [],
-                                "label": None, "method": None, "models": [], "prompt_norm": None,
-                                "subcategory": None, "valid": None},
+        "additional_metadata": {
+            "category": "c",
+            "correct": None,
+            "index": 1.0,
+            "instruction_id_list": [],
+            "label": None,
+            "method": None,
+            "models": [],
+            "prompt_norm": None,
+            "subcategory": None,
+            "valid": None,
+        },
         **extra,
     }
 
@@ -119,21 +128,48 @@ def test_rewardbench2_scores_by_hand_through_the_length_baseline(rb2_pairs):
     # correctness_preferred 2 > 0, _hard min(1, 2) = 1 > 0, margin tanh(1/0 - 1) = tanh(inf) = 1
     # -> 0.3 + 0.3 + 0.2 + 0.2 + 0.01 = 1.01 (the official maximum).
     scores_v2 = got["benchmark_scores"]
-    assert scores_v2 == pytest.approx({"Factuality": 1.0, "Precise IF": 0.5, "Ties": 1.01,
-                                       "score": (1.0 + 0.5 + 1.01) / 3})
+    assert scores_v2 == pytest.approx({"Factuality": 1.0, "Precise IF": 0.5, "Ties": 1.01, "score": (1.0 + 0.5 + 1.01) / 3})
     assert json.loads(json.dumps(got)) == got
 
 
 def test_rewardbench_v1_mirror_rows_take_their_section(offline, tmp_path):
     rows = [
-        {"prompt": "q0", "chosen": "good", "chosen_model": "m1", "rejected": "bad", "rejected_model": "m2",
-         "subset": "alpacaeval-easy", "id": 30},
-        {"prompt": "q1", "chosen": "good", "chosen_model": "m1", "rejected": "bad", "rejected_model": "m2",
-         "subset": "llmbar-adver-GPTOut", "id": 31},
-        {"prompt": "q2", "chosen": "good", "chosen_model": "m1", "rejected": "bad", "rejected_model": "m2",
-         "subset": "hep-rust", "id": 32},
-        {"prompt": "q3", "chosen": "good", "chosen_model": "m1", "rejected": "bad", "rejected_model": "m2",
-         "subset": "my-own-subset", "id": 33},
+        {
+            "prompt": "q0",
+            "chosen": "good",
+            "chosen_model": "m1",
+            "rejected": "bad",
+            "rejected_model": "m2",
+            "subset": "alpacaeval-easy",
+            "id": 30,
+        },
+        {
+            "prompt": "q1",
+            "chosen": "good",
+            "chosen_model": "m1",
+            "rejected": "bad",
+            "rejected_model": "m2",
+            "subset": "llmbar-adver-GPTOut",
+            "id": 31,
+        },
+        {
+            "prompt": "q2",
+            "chosen": "good",
+            "chosen_model": "m1",
+            "rejected": "bad",
+            "rejected_model": "m2",
+            "subset": "hep-rust",
+            "id": 32,
+        },
+        {
+            "prompt": "q3",
+            "chosen": "good",
+            "chosen_model": "m1",
+            "rejected": "bad",
+            "rejected_model": "m2",
+            "subset": "my-own-subset",
+            "id": 33,
+        },
     ]
     mirror = tmp_path / "mirror"
     write_parquet(mirror / "allenai" / "reward-bench" / "data" / "filtered-00000-of-00001.parquet", rows)
@@ -209,14 +245,17 @@ def test_caps_keep_whole_prompts_and_link_ties(rb2_pairs):
 # --- official scores, worked by hand ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chosen, rejected, expected", [
-    ([3.0], [1.0, 2.0, 0.0], 1.0),  # strictly top
-    ([3.0], [3.0, 1.0, 0.0], 1 / 2),  # 2-way tie at the top
-    ([3.0], [3.0, 3.0, 0.0], 1 / 3),  # 3-way tie
-    ([1.0], [1.0, 1.0, 1.0], 1 / 4),  # all four equal
-    ([2.0], [3.0, 2.0, 0.0], 0.0),  # beaten
-    ([np.nan], [1.0, 2.0, 3.0], 0.0),  # no score
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, expected",
+    [
+        ([3.0], [1.0, 2.0, 0.0], 1.0),  # strictly top
+        ([3.0], [3.0, 1.0, 0.0], 1 / 2),  # 2-way tie at the top
+        ([3.0], [3.0, 3.0, 0.0], 1 / 3),  # 3-way tie
+        ([1.0], [1.0, 1.0, 1.0], 1 / 4),  # all four equal
+        ([2.0], [3.0, 2.0, 0.0], 0.0),  # beaten
+        ([np.nan], [1.0, 2.0, 3.0], 0.0),  # no score
+    ],
+)
 def test_best_of_n(chosen, rejected, expected):
     assert best_of_n(chosen, rejected) == pytest.approx(expected)
 
@@ -227,20 +266,32 @@ def grouped_scores(prompts, benchmark="rewardbench-2"):
     for (subset, group), (correct, incorrect) in prompts.items():
         for k in range(max(len(correct), len(incorrect))):
             c, r = k % len(correct), k % len(incorrect)
-            rows.append({"id": f"{group}/{k}", "subset": subset, "category": subset, "score_chosen": correct[c],
-                         "score_rejected": incorrect[r], "group": group, "chosen_index": c, "rejected_index": r,
-                         "benchmark": benchmark})
+            rows.append(
+                {
+                    "id": f"{group}/{k}",
+                    "subset": subset,
+                    "category": subset,
+                    "score_chosen": correct[c],
+                    "score_rejected": incorrect[r],
+                    "group": group,
+                    "chosen_index": c,
+                    "rejected_index": r,
+                    "benchmark": benchmark,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def test_best_of_4_subset_is_the_mean_over_prompts():
     # Four Math prompts scoring 1, 1/2, 1/3 and 0: (1 + 0.5 + 1/3 + 0) / 4 = 11/24.
-    scores = grouped_scores({
-        ("Math", "a"): ([3.0], [1.0, 2.0, 0.0]),
-        ("Math", "b"): ([3.0], [3.0, 1.0, 0.0]),
-        ("Math", "c"): ([3.0], [3.0, 3.0, 0.0]),
-        ("Math", "d"): ([2.0], [3.0, 2.0, 0.0]),
-    })
+    scores = grouped_scores(
+        {
+            ("Math", "a"): ([3.0], [1.0, 2.0, 0.0]),
+            ("Math", "b"): ([3.0], [3.0, 1.0, 0.0]),
+            ("Math", "c"): ([3.0], [3.0, 3.0, 0.0]),
+            ("Math", "d"): ([2.0], [3.0, 2.0, 0.0]),
+        }
+    )
     got = summarize(scores, "m")
     assert got["benchmark_scores"]["Math"] == pytest.approx(11 / 24)
     assert got["n_prompts"] == {"Math": 4}
@@ -249,11 +300,13 @@ def test_best_of_4_subset_is_the_mean_over_prompts():
 def test_a_completion_scored_in_several_pairs_keeps_one_score():
     """The chosen completion of a best-of-4 prompt is in all three pairs; the mean of its three equal scores,
     3 x 0.1 / 3 = 0.10000000000000002, outscored a rejected 0.1 that the official code counts as a tie."""
-    scores = grouped_scores({
-        ("Math", "a"): ([0.1], [0.1, 0.0, -1.0]),  # official: a 2-way tie at the top -> 1/2
-        ("Ties", "ref:1"): ([0.1], [0.1, 0.0, -1.0]),  # margin 0.1 - 0.1 = 0: not accurate
-        ("Ties", "tied:1"): ([0.9, 0.8], [0.1]),
-    })
+    scores = grouped_scores(
+        {
+            ("Math", "a"): ([0.1], [0.1, 0.0, -1.0]),  # official: a 2-way tie at the top -> 1/2
+            ("Ties", "ref:1"): ([0.1], [0.1, 0.0, -1.0]),  # margin 0.1 - 0.1 = 0: not accurate
+            ("Ties", "tied:1"): ([0.9, 0.8], [0.1]),
+        }
+    )
     got = summarize(scores, "m")
     assert got["benchmark_scores"]["Math"] == 0.5
     assert got["ties"]["ref_accuracy"] == 0.0 and got["ties"]["tied_accuracy"] == 1.0
@@ -263,16 +316,17 @@ def test_prompt_weights_score_as_the_prompts_repeated():
     """`rewardbench2_subset_scores` with counts (a bootstrap resample) equals the official score of a table in
     which each prompt appears that many times."""
     rng = np.random.default_rng(0)
-    prompts, counts = {}, {}
+    prompts = {}
     for subset in ["Math", "Focus"]:
         for g in range(5):
-            prompts[(subset, f"{subset}{g}")] = (rng.integers(0, 4, 1).astype(float).tolist(),
-                                                 rng.integers(0, 4, 3).astype(float).tolist())
+            prompts[(subset, f"{subset}{g}")] = (
+                rng.integers(0, 4, 1).astype(float).tolist(),
+                rng.integers(0, 4, 3).astype(float).tolist(),
+            )
     for n in range(1, 6):
         prompts[("Ties", f"ref:{n}")] = ([float(rng.integers(0, 5))], rng.normal(size=3).round(1).tolist())
         if n != 5:  # prompt 5 has a ref group only
-            prompts[("Ties", f"tied:{n}")] = (rng.normal(2, 1, size=2).round(1).tolist(),
-                                              rng.normal(size=2).round(1).tolist())
+            prompts[("Ties", f"tied:{n}")] = (rng.normal(2, 1, size=2).round(1).tolist(), rng.normal(size=2).round(1).tolist())
     table = grouped_scores(prompts)
     units = rewardbench2_prompts(table)
     weights = rng.integers(0, 3, len(units))
@@ -295,24 +349,34 @@ def test_prompt_weights_score_as_the_prompts_repeated():
 
 
 def completions(prompts):
-    rows = [{"subset": "Ties", "group": g, "correct": True, "index": i, "score": s}
-            for g, (c, _) in prompts.items() for i, s in enumerate(c)]
-    rows += [{"subset": "Ties", "group": g, "correct": False, "index": i, "score": s}
-             for g, (_, w) in prompts.items() for i, s in enumerate(w)]
+    rows = [
+        {"subset": "Ties", "group": g, "correct": True, "index": i, "score": s}
+        for g, (c, _) in prompts.items()
+        for i, s in enumerate(c)
+    ]
+    rows += [
+        {"subset": "Ties", "group": g, "correct": False, "index": i, "score": s}
+        for g, (_, w) in prompts.items()
+        for i, s in enumerate(w)
+    ]
     return pd.DataFrame(rows)
 
 
 def test_ties_official_formula_by_hand():
-    got = ties_score(completions({
-        # prompt 1: ref margin 5-4 = 1 (accurate); tied spread 6-5.5 = 0.5, margin 5.5-4.5 = 1 (accurate).
-        "ref:1": ([5.0], [3.0, 4.0]),
-        "tied:1": ([6.0, 5.5], [2.0, 4.5]),
-        # prompt 2: ref margin 1-2 = -1 (wrong); tied spread 4-2 = 2, margin 2-1 = 1 (accurate).
-        "ref:2": ([1.0], [2.0]),
-        "tied:2": ([4.0, 2.0], [1.0]),
-        # prompt 3: a ref without its tied group counts in ref accuracy only.
-        "ref:3": ([3.0], [1.0]),
-    }))
+    got = ties_score(
+        completions(
+            {
+                # prompt 1: ref margin 5-4 = 1 (accurate); tied spread 6-5.5 = 0.5, margin 5.5-4.5 = 1 (accurate).
+                "ref:1": ([5.0], [3.0, 4.0]),
+                "tied:1": ([6.0, 5.5], [2.0, 4.5]),
+                # prompt 2: ref margin 1-2 = -1 (wrong); tied spread 4-2 = 2, margin 2-1 = 1 (accurate).
+                "ref:2": ([1.0], [2.0]),
+                "tied:2": ([4.0, 2.0], [1.0]),
+                # prompt 3: a ref without its tied group counts in ref accuracy only.
+                "ref:3": ([3.0], [1.0]),
+            }
+        )
+    )
     # ref accuracy 2/3, tied accuracy 2/2.
     assert got["ref_accuracy"] == pytest.approx(2 / 3) and got["tied_accuracy"] == 1.0
     # Shared prompts 1 and 2: preferred 1 > 0.5 yes, 1 > 2 no -> 1/2; hard min(1, 1) > 0.5 yes, min(-1, 1) > 2 no -> 1/2.
@@ -337,15 +401,17 @@ def test_ties_zero_spread_follows_the_official_code():
 
 
 def test_overall_is_the_mean_of_the_six_subsets_and_complete_needs_every_prompt():
-    scores = grouped_scores({
-        ("Factuality", "f"): ([3.0], [1.0, 2.0, 0.0]),  # 1
-        ("Precise IF", "p"): ([3.0], [3.0, 1.0, 0.0]),  # 1/2
-        ("Math", "m"): ([0.0], [1.0, 2.0, 3.0]),  # 0
-        ("Safety", "s"): ([9.0], [1.0, 2.0, 3.0]),  # 1
-        ("Focus", "o"): ([1.0], [1.0, 1.0, 1.0]),  # 1/4
-        ("Ties", "ref:1"): ([2.0], [1.0]),  # Ties 1.01 (zero spread, as above)
-        ("Ties", "tied:1"): ([3.0, 3.0], [1.0]),
-    })
+    scores = grouped_scores(
+        {
+            ("Factuality", "f"): ([3.0], [1.0, 2.0, 0.0]),  # 1
+            ("Precise IF", "p"): ([3.0], [3.0, 1.0, 0.0]),  # 1/2
+            ("Math", "m"): ([0.0], [1.0, 2.0, 3.0]),  # 0
+            ("Safety", "s"): ([9.0], [1.0, 2.0, 3.0]),  # 1
+            ("Focus", "o"): ([1.0], [1.0, 1.0, 1.0]),  # 1/4
+            ("Ties", "ref:1"): ([2.0], [1.0]),  # Ties 1.01 (zero spread, as above)
+            ("Ties", "tied:1"): ([3.0, 3.0], [1.0]),
+        }
+    )
     got = summarize(scores, "m")["benchmark_scores"]
     assert got["Ties"] == pytest.approx(1.01)
     # (1 + 0.5 + 0 + 1 + 0.25 + 1.01) / 6 = 3.76 / 6.
@@ -358,8 +424,12 @@ def test_rewardbench2_rejects_foreign_subsets_and_mixed_benchmarks():
     scores = grouped_scores({("Chat", "a"): ([1.0], [0.0])})
     with pytest.raises(SarmError, match="'Chat' is not a RewardBench 2 subset"):
         summarize(scores, "m")
-    mixed = pd.concat([grouped_scores({("Math", "a"): ([1.0], [0.0])}),
-                       grouped_scores({("Math", "b"): ([1.0], [0.0])}, benchmark="rewardbench-v1")])
+    mixed = pd.concat(
+        [
+            grouped_scores({("Math", "a"): ([1.0], [0.0])}),
+            grouped_scores({("Math", "b"): ([1.0], [0.0])}, benchmark="rewardbench-v1"),
+        ]
+    )
     with pytest.raises(SarmError, match="mixes benchmarks"):
         summarize(mixed, "m")
 
@@ -370,14 +440,24 @@ def test_rewardbench_v1_summary_gives_sections_and_completeness():
     rows = []
     for subset, n in V1_PAIRS.items():
         right = subset != "math-prm"
-        rows += [{"id": f"{subset}-{i}", "subset": subset, "category": "x", "score_chosen": float(right),
-                  "score_rejected": 0.5, "benchmark": "rewardbench-v1"} for i in range(n)]
+        rows += [
+            {
+                "id": f"{subset}-{i}",
+                "subset": subset,
+                "category": "x",
+                "score_chosen": float(right),
+                "score_rejected": 0.5,
+                "benchmark": "rewardbench-v1",
+            }
+            for i in range(n)
+        ]
     scores = pd.DataFrame(rows)
     scores["category"] = scores["subset"].map({s: section for section, names in SECTIONS.items() for s in names})
     got = summarize(scores, "m")
     assert got["benchmark"] == "rewardbench-v1" and got["complete"] is True and got["n_pairs"] == 2985
-    assert got["benchmark_scores"] == pytest.approx({"Chat": 1.0, "Chat Hard": 1.0, "Safety": 1.0, "Reasoning": 0.5,
-                                                     "score": 0.875})
+    assert got["benchmark_scores"] == pytest.approx(
+        {"Chat": 1.0, "Chat Hard": 1.0, "Safety": 1.0, "Reasoning": 0.5, "score": 0.875}
+    )
     assert summarize(scores.iloc[:-1], "m")["complete"] is False
 
 
