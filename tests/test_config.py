@@ -260,3 +260,23 @@ def test_every_library_module_imports_without_snakemake():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert {"sarm.config", "sarm.explain", "sarm.reward", "sarm.cli", "sarm.serve"} <= set(result.stdout.split())
+
+
+def test_the_library_never_imports_the_workflow_package():
+    """The layers: rule names and Snakemake DAG walks live in sarm.workflow, which imports the library, never the
+    reverse (module-level or inside a function); the schema and the variant registry import nothing heavy."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "sarm"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "workflow" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "sarm.workflow" or n.startswith("sarm.workflow.")]
+    assert offenders == []
+    script = "import sys, sarm.schema, sarm.variants, sarm.config; print(sorted({'torch', 'pandas', 'transformers', 'sae_lens'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

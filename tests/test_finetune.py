@@ -17,9 +17,9 @@ from sarm.finetune import (
     PairDataset,
     check_fits,
     finetune_reward_model,
-    load_reward_model,
 )
 from sarm.reward_model import RewardModel, set_topk
+from sarm.reward_model import load as load_reward_model
 from sarm.sae import load_sae, random_sae
 
 MODEL_SPEC = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}

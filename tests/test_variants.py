@@ -61,7 +61,7 @@ def test_each_kind_answers_what_the_workflow_asks():
     [
         (
             {"mode": "nope"},
-            r"^config key reward_models.x.mode: 'nope' is not a reward-model kind \(one of: finetune, frozen, full_depth, joint\)$",
+            r"^config key reward_models.x.mode: 'nope' is not a reward-model kind \(one of: (\w+, )*finetune, frozen, full_depth, joint",
         ),
         ({"features": "hidden", "topk": False}, r"^config key reward_models.x: sae and topk apply to features: sae only"),
         (
@@ -110,9 +110,9 @@ def test_a_new_kind_is_one_class_and_its_registration():
     """A kind registered from outside the package reaches the config, the workflow's questions, the costs, the
     ablation claims and the paper's tables with no other edit."""
 
-    @register("frozen_one_epoch")
+    @register("frozen_n_epochs_example")
     @dataclasses.dataclass(frozen=True)
-    class FrozenOneEpoch(FrozenHead):
+    class FrozenEpochsExample(FrozenHead):
         epochs: int = 1
 
         def fit_cached(self, train, val, model_dir, model_spec, settings, *args, **kwargs):
@@ -120,27 +120,43 @@ def test_a_new_kind_is_one_class_and_its_registration():
 
     try:
         specs = specs_from_config(
-            {"reward_models": {"sarm": {}, "short": {"mode": "frozen_one_epoch", "epochs": 2}, "dense": {"features": "hidden"}}}
+            {"reward_models": {"sarm": {}, "short": {"mode": "frozen_n_epochs_example", "epochs": 2}, "dense": {"features": "hidden"}}}
         )
         short = specs["short"]
-        assert isinstance(short, FrozenOneEpoch) and short.epochs == 2 and short.trains_on_cache and short.scored_from_cache
-        assert short.as_dict() == {"features": "sae", "mode": "frozen_one_epoch", "sae": "sequence", "topk": True, "epochs": 2}
+        assert isinstance(short, FrozenEpochsExample) and short.epochs == 2 and short.trains_on_cache and short.scored_from_cache
+        assert short.as_dict() == {"features": "sae", "mode": "frozen_n_epochs_example", "sae": "sequence", "topk": True, "epochs": 2}
         assert spec_from_dict("short", short.as_dict()) == short
         assert ablation_of(short) == "SARM"  # the paper's head, trained otherwise
         # claims compare models of one kind: the new kind is compared with its own kind only
         assert ("SARM head >= dense head on the same layer", "sarm", "dense") in comparisons(specs)
         assert not [c for c in comparisons(specs) if "short" in c]
         with pytest.raises(
-            SarmError, match=r"'lr' is not a key of mode frozen_one_epoch \(its keys: epochs, features, mode, sae, topk\)"
+            SarmError, match=r"'lr' is not a key of mode frozen_n_epochs_example \(its keys: epochs, features, mode, sae, topk\)"
         ):
-            spec_from_config("short", {"mode": "frozen_one_epoch", "lr": 1})
+            spec_from_config("short", {"mode": "frozen_n_epochs_example", "lr": 1})
     finally:
         from sarm.variants import spec as registry
 
-        registry._KINDS.pop("frozen_one_epoch")
-    assert "frozen_one_epoch" not in kinds()
+        registry._KINDS.pop("frozen_n_epochs_example")
+    assert "frozen_n_epochs_example" not in kinds()
 
 
 def test_a_kind_registered_twice_is_refused():
     with pytest.raises(ValueError, match="'frozen' is registered twice"):
         register("frozen")(type("Other", (FrozenHead,), {}))
+
+
+def test_the_validated_config_gives_the_same_specs():
+    """Snakemake's validation fills in the schema's defaults; the kinds own theirs, so the config after it gives the
+    same specs (and a job sized by name, `estimate(..., rm="dense")`, sees the same model)."""
+    import copy
+
+    import yaml
+    from snakemake.utils import validate
+
+    from test_workflow import REPO
+
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text()) | {"reward_models": ABLATIONS}
+    validated = copy.deepcopy(config)
+    validate(validated, str(REPO / "workflow/schemas/config.schema.yaml"))
+    assert specs_from_config(validated) == specs_from_config(config)

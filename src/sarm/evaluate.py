@@ -24,7 +24,7 @@ def score_cached(model: RewardModel, cache: ActivationCache, pairs: pd.DataFrame
 
 def score_text(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:
     """The same table from raw text, for a model whose backbone was fine-tuned (no cached states fit it):
-    a RewardModel or a full-depth classifier (`finetune.load_reward_model`)."""
+    a RewardModel or a full-depth classifier (`sarm.reward_model.load`)."""
     prompts = pairs["prompt"].tolist()
     chosen = model.score(prompts, pairs["chosen"].tolist(), batch_size)
     rejected = model.score(prompts, pairs["rejected"].tolist(), batch_size)

@@ -28,7 +28,7 @@ from sarm import activations, models
 from sarm.errors import SarmError
 
 if TYPE_CHECKING:
-    from sarm.reward_model import RewardModel, load_feature_head
+    from sarm.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,8 @@ def cards_html(stats: dict, labels: dict | None = None, title: str = "SARM featu
 
 def _command(args) -> None:
     import json
+
+    from sarm.reward_model import load_feature_head  # sarm.reward_model imports this module's neighbours; import it late
 
     model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     feature = check_features([args.feature], len(model.weight), "--feature")[0] if args.feature is not None else None
