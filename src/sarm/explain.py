@@ -249,7 +249,7 @@ def feature_stats(
     n_tokens: int = 10,
 ) -> dict:
     """Everything a feature card shows, for the selected features, as a JSON-ready dict."""
-    from sarm.reward_model import remote_code  # sarm.reward imports this module's neighbours; import it late
+    from sarm.reward_model import remote_code  # sarm.reward_model imports this module's neighbours; import it late
 
     if model.config["features"] != "sae":
         raise SarmError("feature cards need a SARM reward model (features: sae), not the dense baseline")
