@@ -77,6 +77,8 @@ def comparisons(specs: dict) -> list[tuple[str, str, str]]:
             for b, spec_b in specs.items():
                 if a == b or not (spec_a.matches(win) and spec_b.matches(lose)):
                     continue
+                if not (spec_a.linear_head and spec_b.linear_head):  # the claims are about linear (BT) heads
+                    continue
                 if not about_mode and spec_a.kind != spec_b.kind:
                     continue
                 if about_mode and spec_a.feature_head and spec_b.feature_head and not _same_head(spec_a, spec_b):

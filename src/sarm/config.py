@@ -121,6 +121,8 @@ def explain_reward_model(config: dict, specs: dict) -> str | None:
         return None
     if spec is None:
         problem = f"{name!r} is not one of the reward models ({', '.join(specs)})"
+    elif spec.features == "sae":  # not a linear head (SparseRM's MLP over projections)
+        problem = f"{name!r} (mode {spec.kind}) has no linear head over SAE latents to explain"
     else:
         problem = f"{name!r} (mode {spec.kind}, features {spec.features}) has no SAE head to explain"
     raise SarmError(f"config key explain.reward_model: {problem}; name a reward model with features: sae")

@@ -7,11 +7,17 @@ Two formats, told apart by `format` in the folder's `reward_model.json`:
   r = sum_i w_i z_i at the final token. The folder holds `reward_model.json` (all it takes to rebuild it),
   `head.safetensors`, the SAE in sae-lens format under `sae/` for SARM, and a fine-tuned backbone under
   `backbone/` when its layers 1..L were trained;
+- `sarm-sparse-rm` (`ProjectionRewardModel`, SparseRM, arXiv 2511.07896): truncated LM -> standardise -> the
+  projections of the state onto m unit SAE decoder directions (preference-relevant latents chosen in training)
+  -> z-scored -> a small MLP. The folder holds `reward_model.json` (with the chosen latent ids and their mean
+  activation differences) and `head.safetensors` (the m directions, the projections' mean and std, the MLP);
+  no SAE: the m directions are all it reads;
 - `hf-sequence-classifier` (`ClassifierRewardModel`): a full-depth AutoModelForSequenceClassification.
 
-`load(path)` reads either. Both score raw text with `score(prompts, responses)`; a head over features also
-scores cached hidden states (`score_hidden`) and splits a reward into per-feature contributions. Training lives
-beside this module: `sarm.reward` fits heads on cached states, `sarm.finetune` trains end to end.
+`load(path)` reads any of them. All score raw text with `score(prompts, responses)`; a head over features (and
+SparseRM) also scores cached hidden states (`score_hidden`); a linear head over features (`linear_head`) splits
+a reward into per-feature contributions. Training lives beside this module: `sarm.reward` fits heads on cached
+states, `sarm.variants.sparse_rm` fits SparseRM on them, `sarm.finetune` trains end to end.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ HEAD_FILE = "head.safetensors"
 SAE_DIR = "sae"
 FEATURE_KINDS = ("sae", "hidden")
 CLASSIFIER_FORMAT = "hf-sequence-classifier"
+SPARSE_RM_FORMAT = "sarm-sparse-rm"
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ def strip_trailing(text: str, tokens: list[str]) -> str:
 
 class RewardModel:
     """A trained SARM (or dense-baseline) reward model; see the module docstring for its folder."""
+
+    linear_head = True  # the reward is sum_i w_i z_i: per-feature contributions, explanation, RL audit apply
 
     def __init__(self, config: dict, weight: torch.Tensor, sae=None, trust_remote_code: bool = False):
         if config["features"] not in FEATURE_KINDS:
@@ -247,13 +256,18 @@ class RewardModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({"weight": self.weight.contiguous()}, path / HEAD_FILE)
-        config = json.loads(json.dumps(self.config))
-        if not Path(config["base_model"]["path"]).is_absolute() and not (path / config["base_model"]["path"]).exists():
-            config["base_model"]["path"] = str(self.backbone_path.resolve())  # an edited copy saved elsewhere
         if self.sae is not None:
             save_sae(self.sae, path / SAE_DIR)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (path / CONFIG_FILE).write_text(json.dumps(self._config_to_save(path), indent=2))
         return path
+
+    def _config_to_save(self, path: Path) -> dict:
+        """The config as saved in folder `path`: a relative base-model path that does not resolve there (an edited
+        copy saved elsewhere) becomes absolute."""
+        config = json.loads(json.dumps(self.config))
+        if not Path(config["base_model"]["path"]).is_absolute() and not (path / config["base_model"]["path"]).exists():
+            config["base_model"]["path"] = str(self.backbone_path.resolve())
+        return config
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
@@ -276,10 +290,88 @@ class RewardModel:
         return path if path.is_absolute() else Path(getattr(self, "folder", ".")) / path
 
 
+def build_mlp(m: int, hidden: int) -> torch.nn.Module:
+    """SparseRM's reward head over m z-scored projections: Linear(m, hidden) -> ReLU -> Linear(hidden, 1), or with
+    `hidden` 0 one Linear(m, 1); the output layer has no bias (pairwise losses cannot see one)."""
+    if hidden == 0:
+        return torch.nn.Sequential(torch.nn.Linear(m, 1, bias=False))
+    return torch.nn.Sequential(torch.nn.Linear(m, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1, bias=False))
+
+
+class ProjectionRewardModel(RewardModel):
+    """A trained SparseRM (format `sarm-sparse-rm`, see the module docstring): the text path is RewardModel's
+    (same backbone, same standardised final-token state), the head is an MLP over the state's projections onto
+    m unit SAE decoder directions. Its reward is no sum over features: no `weight`, no `contributions`."""
+
+    linear_head = False
+    TENSORS = ("directions", "proj_mean", "proj_std")
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], trust_remote_code: bool = False):
+        head = config["sparse_rm"]
+        directions = tensors["directions"].float()
+        m = len(head["latents"])
+        if directions.shape != (m, config["hidden_size"]):
+            raise SarmError(
+                f"SparseRM: {m} latents of {config['hidden_size']}-wide states, but directions of shape {tuple(directions.shape)}"
+            )
+        self.config, self.sae, self.directions = config, None, directions
+        self.proj_mean, self.proj_std = tensors["proj_mean"].float(), tensors["proj_std"].float()
+        self.mlp = build_mlp(m, head["mlp_hidden"])
+        self.mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in tensors.items() if k.startswith("mlp.")})
+        self.mlp.eval().requires_grad_(False)
+        self.device = "cpu"
+        self._backbone = self._tokenizer = None
+        self.trust_remote_code = trust_remote_code
+
+    def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        """The projections <h, d_j> of each state onto the m unit decoder directions: [n, m]."""
+        return hidden.float() @ self.directions.T
+
+    def head(self, projections: torch.Tensor) -> torch.Tensor:
+        """The MLP's reward of [n, m] projections (differentiable: training calls it)."""
+        return self.mlp((projections - self.proj_mean) / self.proj_std).squeeze(-1)
+
+    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.features(hidden))
+
+    def contributions(self, features: torch.Tensor) -> torch.Tensor:
+        raise SarmError("a SparseRM reward is an MLP over projections, not a sum of per-feature contributions")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        mlp = {f"mlp.{k}": v.detach().contiguous() for k, v in self.mlp.state_dict().items()}
+        return {"directions": self.directions, "proj_mean": self.proj_mean, "proj_std": self.proj_std, **mlp}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.tensors().items()}, path / HEAD_FILE)
+        (path / CONFIG_FILE).write_text(json.dumps(self._config_to_save(path), indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> ProjectionRewardModel:
+        path = Path(path)
+        config = _read_config(path)
+        model = cls(config, _load_tensors(path / HEAD_FILE, list(cls.TENSORS)), trust_remote_code)
+        model.device = models.resolve_device(device)
+        model.folder = path
+        return model
+
+
 def _load_head(path: Path) -> torch.Tensor:
     """The head's weights, with one line naming the file when it is missing, corrupt, truncated or not finite."""
+    return _load_tensors(path, ["weight"])["weight"]
+
+
+def _load_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with one line naming the file when it is missing, corrupt, truncated,
+    lacks one of `keys` or holds a non-finite number."""
     try:
-        weight = load_file(path)["weight"]
+        tensors = load_file(path)
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise KeyError(f"no tensor {missing[0]!r}")
     except FileNotFoundError:
         raise SarmError(f"{path}: missing; re-run the rule that trained this reward model") from None
     except (SafetensorError, KeyError, OSError) as err:
@@ -287,9 +379,9 @@ def _load_head(path: Path) -> torch.Tensor:
             f"{path}: corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "re-run the rule that trained this reward model"
         ) from None
-    if not torch.isfinite(weight).all():
+    if not all(torch.isfinite(tensor).all() for tensor in tensors.values()):
         raise SarmError(f"{path}: non-finite weights; re-run the rule that trained this reward model")
-    return weight
+    return tensors
 
 
 def check_finite(rewards, model, source) -> None:
@@ -432,11 +524,14 @@ class ClassifierRewardModel:
 
 def load(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):
     """Any saved reward model folder: a `RewardModel` (a head over SAE latents or the hidden state, on the base or a
-    fine-tuned backbone) or a `ClassifierRewardModel`. `trust_remote_code`: allow the base model's own Python code
+    fine-tuned backbone), a `ProjectionRewardModel` (SparseRM) or a `ClassifierRewardModel`. `trust_remote_code`: allow the base model's own Python code
     (the caller's decision, never taken from the folder)."""
     path = Path(path)
-    if _read_config(path).get("format") == CLASSIFIER_FORMAT:
+    kind = _read_config(path).get("format")
+    if kind == CLASSIFIER_FORMAT:
         return ClassifierRewardModel(path, device, trust_remote_code)
+    if kind == SPARSE_RM_FORMAT:
+        return ProjectionRewardModel.from_pretrained(path, device, trust_remote_code)
     return RewardModel.from_pretrained(path, device, trust_remote_code)
 
 
@@ -448,6 +543,11 @@ def load_feature_head(path: str | Path, device: str = "cpu", trust_remote_code: 
         raise SarmError(
             f"{path}: a full-depth sequence classifier has no feature head; name a reward model with a head "
             "over features (mode frozen, finetune or joint)"
+        )
+    if not model.linear_head:
+        raise SarmError(
+            f"{path}: a SparseRM's reward is an MLP over projections, not a sum over features; name a reward model "
+            "with a linear head over features (mode frozen, finetune or joint)"
         )
     return model
 

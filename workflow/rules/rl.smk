@@ -8,7 +8,8 @@ RL_TRAIN_KEYS = [
     "steps", "prompts_per_step", "num_generations", "max_completion_length", "learning_rate", "beta",
     "temperature", "lora", "use_vllm", "gradient_checkpointing",
 ]
-RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec.feature_head]  # RewardModel folders
+# linear heads over features (RewardModel folders): the audit reads their per-feature contributions
+RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec.feature_head and spec.linear_head]
 if RL["reward"] not in RL_JUDGES:
     raise WorkflowError(f"config key rl.reward: {RL['reward']!r} is not a trained SARM or dense-head reward model ({', '.join(RL_JUDGES)})")
 

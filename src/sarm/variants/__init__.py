@@ -14,9 +14,10 @@ from sarm.variants.spec import (
 )
 
 # the built-in kinds register themselves on import
-from sarm.variants import frozen, tuned, full_depth  # noqa: E402,F401  isort: skip
+from sarm.variants import frozen, tuned, full_depth, sparse_rm  # noqa: E402,F401  isort: skip
 from sarm.variants.frozen import FrozenHead  # noqa: E402
 from sarm.variants.full_depth import FullDepth  # noqa: E402
+from sarm.variants.sparse_rm import SparseRM  # noqa: E402
 from sarm.variants.tuned import EndToEnd, FineTuned, Joint  # noqa: E402
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "FullDepth",
     "Joint",
     "RewardModelSpec",
+    "SparseRM",
     "kinds",
     "register",
     "spec_from_config",

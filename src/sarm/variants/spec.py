@@ -66,6 +66,7 @@ class RewardModelSpec:
     own_backbone: ClassVar[bool] = False  # its layers 1..L change in training: its states are cached through them
     feature_head: ClassVar[bool] = True  # saved as a head over features (`RewardModel`), else a sequence classifier
     paper_head: ClassVar[bool] = False  # the paper's head (linear, on TopK latents of a frozen SAE): a Table 2 row
+    linear_head: ClassVar[bool] = True  # a feature head whose reward is sum_i w_i z_i (per-feature contributions)
 
     # --- building and checking, from the config ---
     @classmethod
@@ -114,7 +115,7 @@ class RewardModelSpec:
     @property
     def explainable(self) -> bool:
         """Has a linear head over SAE latents: feature cards, attributions and the preference shift apply."""
-        return self.feature_head and self.features == "sae"
+        return self.feature_head and self.linear_head and self.features == "sae"
 
     # --- cost (sarm.workflow.resources sizes the jobs with these) ---
     def training_cost(self, config: dict, shape, gpu: bool) -> Cost:
