@@ -216,3 +216,22 @@ def test_the_workflow_trains_evaluates_and_best_of_n_scores_it_but_never_explain
     assert rl.returncode == 0, rl.stderr[-3000:]
     (judges,) = [inputs for rule, _, inputs in _planned(rl.stdout) if rule == "rl_evaluate"]
     assert "results/reward/sarm" in judges and "results/reward/dense" in judges and "sparse-rm" not in judges
+
+
+def test_a_damaged_folder_is_one_line_naming_the_file(fitted, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, _, folder, *_ = fitted
+    copy = tmp_path / "srm"
+    shutil.copytree(folder, copy)
+    save_file({k: v for k, v in model.tensors().items() if k != "proj_std"}, copy / "head.safetensors")
+    with pytest.raises(SarmError, match=rf"^{copy / 'head.safetensors'}: corrupt or truncated .*'proj_std'.*re-run the rule"):
+        load(copy)
+    shutil.copy(folder / "head.safetensors", copy / "head.safetensors")
+    config = json.loads((copy / "reward_model.json").read_text())
+    config["sparse_rm"]["mlp_hidden"] = 3
+    (copy / "reward_model.json").write_text(json.dumps(config))
+    with pytest.raises(SarmError, match=r"^SparseRM: its MLP weights do not fit mlp_hidden = 3 over 8 projections"):
+        load(copy)

@@ -316,8 +316,15 @@ class ProjectionRewardModel(RewardModel):
             )
         self.config, self.sae, self.directions = config, None, directions
         self.proj_mean, self.proj_std = tensors["proj_mean"].float(), tensors["proj_std"].float()
-        self.mlp = build_mlp(m, head["mlp_hidden"])
-        self.mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in tensors.items() if k.startswith("mlp.")})
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the caller's RNG alone
+            self.mlp = build_mlp(m, head["mlp_hidden"])
+        try:
+            self.mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in tensors.items() if k.startswith("mlp.")})
+        except RuntimeError as err:
+            raise SarmError(
+                f"SparseRM: its MLP weights do not fit mlp_hidden = {head['mlp_hidden']} over {m} projections "
+                f"({str(err).splitlines()[0]}); re-run the rule that trained it"
+            ) from None
         self.mlp.eval().requires_grad_(False)
         self.device = "cpu"
         self._backbone = self._tokenizer = None

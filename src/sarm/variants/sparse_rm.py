@@ -107,6 +107,7 @@ class SparseRM(FrozenHead):
         on `val`: (a `ProjectionRewardModel`, one history row per epoch as `sarm.reward.train_head` writes)."""
         import torch
 
+        from sarm.reward import selected_epoch
         from sarm.reward_model import ProjectionRewardModel, model_config, set_topk
 
         if sae is None:
@@ -148,8 +149,6 @@ class SparseRM(FrozenHead):
             torch.manual_seed(seed)
             model = ProjectionRewardModel(config, {**tensors, **_zero_output(self.m, self.mlp_hidden)})
         history = train_mlp(model, projections, val.final().float() @ directions.T, settings, self.margin, seed, log)
-        from sarm.reward import selected_epoch
-
         best = history.loc[selected_epoch(history) - 1]
         config["training"]["selected_epoch"] = int(best["epoch"])
         config["training"]["val_accuracy"] = float(best["val_accuracy"])
