@@ -273,8 +273,16 @@ def test_the_library_never_imports_the_workflow_package():
         if "workflow" in path.relative_to(root).parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "sarm.workflow" or n.startswith("sarm.workflow.")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(root)}: {n}" for n in names if n == "sarm.workflow" or n.startswith("sarm.workflow.")
+            ]
     assert offenders == []
     script = "import sys, sarm.schema, sarm.variants, sarm.config; print(sorted({'torch', 'pandas', 'transformers', 'sae_lens'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

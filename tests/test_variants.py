@@ -120,11 +120,23 @@ def test_a_new_kind_is_one_class_and_its_registration():
 
     try:
         specs = specs_from_config(
-            {"reward_models": {"sarm": {}, "short": {"mode": "frozen_n_epochs_example", "epochs": 2}, "dense": {"features": "hidden"}}}
+            {
+                "reward_models": {
+                    "sarm": {},
+                    "short": {"mode": "frozen_n_epochs_example", "epochs": 2},
+                    "dense": {"features": "hidden"},
+                }
+            }
         )
         short = specs["short"]
         assert isinstance(short, FrozenEpochsExample) and short.epochs == 2 and short.trains_on_cache and short.scored_from_cache
-        assert short.as_dict() == {"features": "sae", "mode": "frozen_n_epochs_example", "sae": "sequence", "topk": True, "epochs": 2}
+        assert short.as_dict() == {
+            "features": "sae",
+            "mode": "frozen_n_epochs_example",
+            "sae": "sequence",
+            "topk": True,
+            "epochs": 2,
+        }
         assert spec_from_dict("short", short.as_dict()) == short
         assert ablation_of(short) == "SARM"  # the paper's head, trained otherwise
         # claims compare models of one kind: the new kind is compared with its own kind only
@@ -153,7 +165,6 @@ def test_the_validated_config_gives_the_same_specs():
 
     import yaml
     from snakemake.utils import validate
-
     from test_workflow import REPO
 
     config = yaml.safe_load((REPO / "config/config.yaml").read_text()) | {"reward_models": ABLATIONS}
