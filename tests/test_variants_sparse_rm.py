@@ -120,6 +120,19 @@ def test_the_text_path_scores_as_the_cached_path(fitted, trained):
     np.testing.assert_allclose(rejected, cached.score_rejected, atol=1e-4, rtol=0)
 
 
+def test_the_command_line_scores_it_as_the_package_does(fitted, trained, capsys):
+    from sarm.cli import main
+
+    _, _, folder, *_ = fitted
+    _, val_pairs, _ = trained
+    prompt, response = val_pairs.prompt.iloc[0], val_pairs.chosen.iloc[0]
+    assert isinstance(prompt, list)  # messages: the command line takes the last user turn as a string
+    text = prompt[-1]["content"]
+    main(["score", "--model", str(folder), "--prompt", text, "--response", response])
+    printed = json.loads(capsys.readouterr().out)["reward"]
+    assert printed == pytest.approx(float(load(folder).score([text], [response])[0]), abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "given, message",
     [

@@ -24,9 +24,9 @@ def add_trust_remote_code(parser: argparse.ArgumentParser) -> None:
 
 
 def _score(args) -> None:
-    from sarm.reward_model import load_feature_head
+    from sarm.reward_model import load  # any saved reward model: every kind scores text
 
-    model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     reward = float(model.score([args.prompt], [args.response])[0])
     if not math.isfinite(reward):  # never printed as a score with exit 0
         raise SarmError(f"{args.model}: the reward is {reward}")
