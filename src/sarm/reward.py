@@ -28,6 +28,84 @@ def _pairs(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features[0::2], features[1::2]
 
 
+def bt_margin_loss(margin: torch.Tensor) -> torch.Tensor:
+    """`bt_loss` of pairs whose reward margins r_chosen - r_rejected are given."""
+    return -F.logsigmoid(margin).mean()
+
+
+def bt_val_loss(margin: torch.Tensor) -> torch.Tensor:
+    """The BT loss as the history reports it on the validation pairs (softplus(-margin), the same value)."""
+    return F.softplus(-margin).mean()
+
+
+def fit_pairs(
+    parameters: list[torch.Tensor],
+    score: Callable,
+    train,
+    val,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    log: Callable[[dict], None] | None = None,
+    checkpoint_root: str | Path | None = None,
+    loss: Callable[[torch.Tensor], torch.Tensor] = bt_margin_loss,
+    val_loss: Callable[[torch.Tensor], torch.Tensor] = bt_val_loss,
+    what: str = "reward head training",
+) -> tuple[list[torch.Tensor], pd.DataFrame]:
+    """The pairwise training loop every head on cached states shares: AdamW on `parameters`, the reward of a batch
+    of rows `score(rows)`, `loss` of the pairs' margins; rows 2i / 2i+1 of `train` / `val` are pair i's chosen /
+    rejected. Returns the parameters of the epoch with the highest validation accuracy (the lower `val_loss`
+    breaks ties), as copies, and one history row per epoch. With `checkpoint_root`, every epoch is checkpointed
+    there and a run that finds a checkpoint resumes after it, ending exactly as an uninterrupted run would."""
+    chosen, rejected = _pairs(train)
+    val_chosen, val_rejected = _pairs(val)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    snapshots, history, first = [], [], 1
+    resume_from = checkpoints.latest(checkpoint_root)
+    if resume_from is not None:
+        state = torch.load(resume_from / HEAD_STATE, weights_only=True)
+        with torch.no_grad():
+            for parameter, saved in zip(parameters, state["parameters"], strict=True):
+                parameter.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        snapshots, history, first = list(state["snapshots"]), state["history"], int(resume_from.name) + 1
+    for epoch in range(first, epochs + 1):
+        checkpoints.fault_point("head", epoch)
+        order = torch.randperm(len(chosen), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch_loss = loss(score(chosen[idx]) - score(rejected[idx]))
+            if not torch.isfinite(batch_loss):
+                raise SarmError(f"{what}: loss is {batch_loss.item()} at epoch {epoch}; lower reward.lr")
+            optimizer.zero_grad()
+            batch_loss.backward()
+            optimizer.step()
+            total += batch_loss.item() * len(idx)
+        with torch.no_grad():
+            margin = score(chosen) - score(rejected)
+            val_margin = score(val_chosen) - score(val_rejected)
+            row = {
+                "epoch": epoch,
+                "train_loss": total / len(order),
+                "train_accuracy": (margin > 0).float().mean().item(),
+                "val_loss": val_loss(val_margin).item(),
+                "val_accuracy": (val_margin > 0).float().mean().item(),
+            }
+        history.append(row)
+        if log:
+            log(row)
+        snapshots.append([parameter.detach().clone() for parameter in parameters])
+        if checkpoint_root is not None:
+            _save_state(Path(checkpoint_root) / str(epoch), parameters, optimizer, generator, snapshots, history)
+    history = pd.DataFrame(history)
+    return snapshots[selected_epoch(history) - 1], history
+
+
 def train_head(
     train: torch.Tensor | SparseFeatures,
     val: torch.Tensor | SparseFeatures,
@@ -39,63 +117,20 @@ def train_head(
     log: Callable[[dict], None] | None = None,
     checkpoint_root: str | Path | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
-    """Fit w (zero-initialised, no bias) with BT loss on paired feature rows; keep the epoch with the
-    highest validation accuracy (the lower validation loss breaks ties). Returns the weights and one
-    history row per epoch. With `checkpoint_root`, every epoch is checkpointed there and a run that
-    finds a checkpoint resumes after it, ending exactly as an uninterrupted run would. Features are dense
-    [n, d] tensors or `SparseFeatures` (TopK latents as indices + values: the same result up to float
-    rounding, in k / d of the memory)."""
-    chosen, rejected = _pairs(train)
-    val_chosen, val_rejected = _pairs(val)
+    """Fit w (zero-initialised, no bias) with BT loss on paired feature rows (`fit_pairs`). Returns the weights
+    and one history row per epoch. Features are dense [n, d] tensors or `SparseFeatures` (TopK latents as
+    indices + values: the same result up to float rounding, in k / d of the memory)."""
     weight = torch.zeros(train.shape[1], requires_grad=True)
-    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    snapshots, history, first = [], [], 1
-    resume_from = checkpoints.latest(checkpoint_root)
-    if resume_from is not None:
-        state = torch.load(resume_from / HEAD_STATE, weights_only=True)
-        with torch.no_grad():
-            weight.copy_(state["weight"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        snapshots, history, first = list(state["snapshots"]), state["history"], int(resume_from.name) + 1
-    for epoch in range(first, epochs + 1):
-        checkpoints.fault_point("head", epoch)
-        order = torch.randperm(len(chosen), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = bt_loss(chosen[idx] @ weight, rejected[idx] @ weight)
-            if not torch.isfinite(loss):
-                raise SarmError(f"reward head training: loss is {loss.item()} at epoch {epoch}; lower reward.lr")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        with torch.no_grad():
-            margin = chosen @ weight - rejected @ weight
-            val_margin = val_chosen @ weight - val_rejected @ weight
-            row = {
-                "epoch": epoch,
-                "train_loss": total / len(order),
-                "train_accuracy": (margin > 0).float().mean().item(),
-                "val_loss": F.softplus(-val_margin).mean().item(),
-                "val_accuracy": (val_margin > 0).float().mean().item(),
-            }
-        history.append(row)
-        if log:
-            log(row)
-        snapshots.append(weight.detach().clone())
-        if checkpoint_root is not None:
-            _save_head_state(Path(checkpoint_root) / str(epoch), weight, optimizer, generator, snapshots, history)
-    history = pd.DataFrame(history)
-    return snapshots[selected_epoch(history) - 1], history
+    (best,), history = fit_pairs(
+        [weight], lambda rows: rows @ weight, train, val, epochs, lr, batch_size, weight_decay, seed, log, checkpoint_root
+    )
+    return best, history
 
 
-def _save_head_state(folder: Path, weight, optimizer, generator, snapshots, history) -> None:
+def _save_state(folder: Path, parameters, optimizer, generator, snapshots, history) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {
-        "weight": weight.detach(),
+        "parameters": [parameter.detach() for parameter in parameters],
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
         "snapshots": snapshots,
@@ -108,8 +143,16 @@ def _save_head_state(folder: Path, weight, optimizer, generator, snapshots, hist
 
 
 def selected_epoch(history: pd.DataFrame) -> int:
-    """The epoch train_head keeps: best validation accuracy, then lowest validation loss."""
+    """The epoch `fit_pairs` keeps: best validation accuracy, then lowest validation loss."""
     return int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable")["epoch"].iloc[0])
+
+
+CHECKPOINT_FORMAT = 2  # `fit_pairs` state: a list of parameters (1: one `weight`); another format is discarded
+
+
+def checkpoint_fingerprint(config: dict, train, val) -> dict:
+    """What a head's checkpoints must have been made with to be resumed: its config, its caches, the state format."""
+    return {**config, "train": train.meta, "val": val.meta, "checkpoint_format": CHECKPOINT_FORMAT}
 
 
 def fit_reward_model(
@@ -139,7 +182,7 @@ def fit_reward_model(
     features = spec["features"]
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
-        checkpoint_root = checkpoints.open_root(checkpoint_root, {**config, "train": train.meta, "val": val.meta})
+        checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
     weight, history = train_head(
         shell.features(train.final(), sparse=True),
         shell.features(val.final(), sparse=True),

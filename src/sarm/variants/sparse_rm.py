@@ -34,9 +34,9 @@ were reachable here; its method section and code, github.com/ldc111521/SparseRM,
 - The margin loss: max(0, margin - (r_chosen - r_rejected)), mean over pairs (a margin ranking loss), `margin`
   1.0 by default (it must be > 0: at margin 0 the zero-initialised head gets no gradient).
 - m = 128 as in the paper; m must not exceed the SAE's width (checked when training, where the width is known).
-- Training recipe: config key `reward` (epochs, lr, batch_size, weight_decay; AdamW) and the config's seed, as
-  the frozen head; the epoch with the best validation accuracy is kept (lower validation loss breaks ties). It
-  trains in seconds, so it keeps no per-epoch checkpoint (a killed job starts over).
+- Training recipe: config key `reward` (epochs, lr, batch_size, weight_decay; AdamW) and the config's seed, in
+  the frozen head's loop (`sarm.reward.fit_pairs`): the epoch with the best validation accuracy is kept (lower
+  validation loss breaks ties), and a killed job resumes from its last epoch.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class SparseRM(FrozenHead):
         on `val`: (a `ProjectionRewardModel`, one history row per epoch as `sarm.reward.train_head` writes)."""
         import torch
 
-        from sarm.reward import selected_epoch
+        from sarm import checkpoints
+        from sarm.reward import checkpoint_fingerprint, selected_epoch
         from sarm.reward_model import ProjectionRewardModel, model_config, set_topk
 
         if sae is None:
@@ -147,23 +148,27 @@ class SparseRM(FrozenHead):
         }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = ProjectionRewardModel(config, {**tensors, **_zero_output(self.m, self.mlp_hidden)})
-        history = train_mlp(model, projections, val.final().float() @ directions.T, settings, self.margin, seed, log)
+            model = ProjectionRewardModel(config, {**tensors, **initial_mlp(self.m, self.mlp_hidden)})
+        if checkpoint_root is not None:
+            checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
+        history = train_mlp(
+            model, projections, val.final().float() @ directions.T, settings, self.margin, seed, log, checkpoint_root
+        )
         best = history.loc[selected_epoch(history) - 1]
         config["training"]["selected_epoch"] = int(best["epoch"])
         config["training"]["val_accuracy"] = float(best["val_accuracy"])
         return model, history
 
 
-def _zero_output(m: int, hidden: int) -> dict:
+def initial_mlp(m: int, hidden: int) -> dict:
     """Initial MLP weights: PyTorch's default for the hidden layer (under the caller's seed), a zero output layer."""
+    import torch
+
     from sarm.reward_model import build_mlp
 
     mlp = build_mlp(m, hidden)
-    state = {f"mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
-    last = max(state, key=lambda k: int(k.split(".")[1]))  # the output layer's weight
-    state[last].zero_()
-    return state
+    torch.nn.init.zeros_(mlp[-1].weight)
+    return {f"mlp.{k}": v.detach() for k, v in mlp.state_dict().items()}
 
 
 def mean_differences(sae, hidden, batch_size: int = SELECTION_BATCH):
@@ -196,57 +201,37 @@ def select_latents(sae, hidden, m: int, ranking: str = "absolute"):
     return latents, differences[latents]
 
 
-def margin_loss(r_chosen, r_rejected, margin: float):
-    """max(0, margin - (r_chosen - r_rejected)), averaged over pairs."""
-    import torch.nn.functional as F
-
-    return F.relu(margin - (r_chosen - r_rejected)).mean()
-
-
-def train_mlp(model, train, val, settings: dict, margin: float, seed: int = 0, log=None):
+def train_mlp(model, train, val, settings: dict, margin: float, seed: int = 0, log=None, checkpoint_root=None):
     """Train `model`'s MLP (a ProjectionRewardModel) on paired projection rows (`train`, `val`: [2n, m], rows
-    2i / 2i+1 chosen / rejected) with the margin loss and AdamW; leave it at the epoch with the best validation
-    accuracy (then the lower validation loss). Returns one history row per epoch (train_head's columns)."""
-    import copy
-
-    import pandas as pd
+    2i / 2i+1 chosen / rejected) with the margin loss, in `sarm.reward.fit_pairs` (AdamW, the epoch with the best
+    validation accuracy kept, checkpoints); leave it at that epoch. Returns one history row per epoch."""
     import torch
 
-    from sarm.reward import selected_epoch
+    from sarm.reward import fit_pairs
 
-    chosen, rejected = train[0::2], train[1::2]
-    val_chosen, val_rejected = val[0::2], val[1::2]
-    mlp = model.mlp.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(mlp.parameters(), lr=settings["lr"], weight_decay=settings.get("weight_decay", 0.0))
-    generator = torch.Generator().manual_seed(seed)
-    snapshots, history = [], []
-    for epoch in range(1, settings["epochs"] + 1):
-        order = torch.randperm(len(chosen), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), settings["batch_size"]):
-            idx = order[start : start + settings["batch_size"]]
-            loss = margin_loss(model.head(chosen[idx]), model.head(rejected[idx]), margin)
-            if not torch.isfinite(loss):
-                raise SarmError(f"SparseRM training: loss is {loss.item()} at epoch {epoch}; lower reward.lr")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        with torch.no_grad():
-            train_margin = model.head(chosen) - model.head(rejected)
-            val_margin = model.head(val_chosen) - model.head(val_rejected)
-            row = {
-                "epoch": epoch,
-                "train_loss": total / len(order),
-                "train_accuracy": (train_margin > 0).float().mean().item(),
-                "val_loss": torch.relu(margin - val_margin).mean().item(),
-                "val_accuracy": (val_margin > 0).float().mean().item(),
-            }
-        history.append(row)
-        if log:
-            log(row)
-        snapshots.append(copy.deepcopy(mlp.state_dict()))
-    history = pd.DataFrame(history)
-    mlp.load_state_dict(snapshots[selected_epoch(history) - 1])
-    mlp.eval().requires_grad_(False)
+    parameters = list(model.mlp.train().requires_grad_(True).parameters())
+
+    def hinge(reward_margin):
+        return torch.relu(margin - reward_margin).mean()
+
+    best, history = fit_pairs(
+        parameters,
+        model.head,
+        train,
+        val,
+        settings["epochs"],
+        settings["lr"],
+        settings["batch_size"],
+        settings.get("weight_decay", 0.0),
+        seed,
+        log,
+        checkpoint_root,
+        loss=hinge,
+        val_loss=hinge,
+        what="SparseRM training",
+    )
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best, strict=True):
+            parameter.copy_(value)
+    model.mlp.eval().requires_grad_(False)
     return history
