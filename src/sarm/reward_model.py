@@ -135,6 +135,10 @@ class RewardModel:
         self.config, self.weight, self.sae = config, weight.float(), sae
         if sae is not None:
             set_topk(sae, config.get("topk", True))
+        self._init_text_path(trust_remote_code)
+
+    def _init_text_path(self, trust_remote_code: bool) -> None:
+        """No backbone loaded yet (`load_backbone` loads it on first use), on the CPU until told otherwise."""
         self.device = "cpu"
         self._backbone = self._tokenizer = None
         # Python shipped with the base model runs only when whoever loads the model says so, never because
@@ -255,7 +259,7 @@ class RewardModel:
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous()}, path / HEAD_FILE)
+        save_file({k: v.contiguous() for k, v in self.tensors().items()}, path / HEAD_FILE)
         if self.sae is not None:
             save_sae(self.sae, path / SAE_DIR)
         (path / CONFIG_FILE).write_text(json.dumps(self._config_to_save(path), indent=2))
@@ -269,15 +273,22 @@ class RewardModel:
             config["base_model"]["path"] = str(self.backbone_path.resolve())
         return config
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What `head.safetensors` holds."""
+        return {"weight": self.weight}
+
+    @classmethod
+    def _from_folder(cls, config: dict, path: Path, trust_remote_code: bool) -> RewardModel:
+        weight = _load_tensors(path / HEAD_FILE, ["weight"])["weight"]
+        sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
+        return cls(config, weight, sae, trust_remote_code)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
         """The model saved in folder `path`. `trust_remote_code`: allow the base model's own Python code (the
         caller's decision: the folder's `base_model.trust_remote_code` alone never runs it)."""
         path = Path(path)
-        config = _read_config(path)
-        weight = _load_head(path / HEAD_FILE)
-        sae = load_sae(path / SAE_DIR) if config["features"] == "sae" else None
-        model = cls(config, weight, sae, trust_remote_code)
+        model = cls._from_folder(_read_config(path), path, trust_remote_code)
         model.device = models.resolve_device(device)
         model.folder = path
         return model
@@ -326,9 +337,7 @@ class ProjectionRewardModel(RewardModel):
                 f"({str(err).splitlines()[0]}); re-run the rule that trained it"
             ) from None
         self.mlp.eval().requires_grad_(False)
-        self.device = "cpu"
-        self._backbone = self._tokenizer = None
-        self.trust_remote_code = trust_remote_code
+        self._init_text_path(trust_remote_code)
 
     def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """The projections <h, d_j> of each state onto the m unit decoder directions: [n, m]."""
@@ -349,26 +358,9 @@ class ProjectionRewardModel(RewardModel):
         mlp = {f"mlp.{k}": v.detach().contiguous() for k, v in self.mlp.state_dict().items()}
         return {"directions": self.directions, "proj_mean": self.proj_mean, "proj_std": self.proj_std, **mlp}
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.tensors().items()}, path / HEAD_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps(self._config_to_save(path), indent=2))
-        return path
-
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> ProjectionRewardModel:
-        path = Path(path)
-        config = _read_config(path)
-        model = cls(config, _load_tensors(path / HEAD_FILE, list(cls.TENSORS)), trust_remote_code)
-        model.device = models.resolve_device(device)
-        model.folder = path
-        return model
-
-
-def _load_head(path: Path) -> torch.Tensor:
-    """The head's weights, with one line naming the file when it is missing, corrupt, truncated or not finite."""
-    return _load_tensors(path, ["weight"])["weight"]
+    def _from_folder(cls, config: dict, path: Path, trust_remote_code: bool) -> ProjectionRewardModel:
+        return cls(config, _load_tensors(path / HEAD_FILE, list(cls.TENSORS)), trust_remote_code)
 
 
 def _load_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
