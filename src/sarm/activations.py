@@ -393,12 +393,14 @@ def packed_rows(encoded: list[Encoded], groups: list, max_row_tokens: int) -> li
         if prefix < MIN_SHARED_PREFIX:
             rows.extend(PackedRow(0, [i]) for i in members)
             continue
-        row = PackedRow(prefix, [])
+        row, length = PackedRow(prefix, []), prefix
         for i in members:
-            if row.members and row_length(row, encoded) + len(encoded[i].input_ids) - prefix > max_row_tokens:
+            own = len(encoded[i].input_ids) - prefix
+            if row.members and length + own > max_row_tokens:
                 rows.append(row)
-                row = PackedRow(prefix, [])
+                row, length = PackedRow(prefix, []), prefix
             row.members.append(i)
+            length += own
         rows.append(row)
     return rows
 
@@ -408,7 +410,8 @@ def row_length(row: PackedRow, encoded: list[Encoded]) -> int:
 
 
 def packed_batches(rows: list[PackedRow], encoded: list[Encoded], batch_size: int) -> list[list[PackedRow]]:
-    """Rows of similar length (longest first), at most `batch_size` sequences a batch."""
+    """Rows of similar length (longest first), at most `batch_size` sequences a batch (a row that holds more is a
+    batch of its own)."""
     order = sorted(rows, key=lambda row: -row_length(row, encoded))
     batches, batch, size = [], [], 0
     for row in order:
@@ -437,6 +440,7 @@ def forward_packed(
     positions = torch.zeros_like(ids)
     segment = torch.full_like(ids, -1)  # -1 padding, 0 the shared prefix, j + 1 member j's own tokens
     where: dict[int, tuple[int, int, int]] = {}  # member -> (row, its first own token's column, the prefix)
+    last: dict[int, int] = {}  # member -> the column of its last token (its own: shared_prefix leaves it one)
     for r, row in enumerate(rows):
         p = row.prefix
         ids[r, :p] = torch.from_numpy(encoded[row.members[0]].input_ids[:p])
@@ -449,11 +453,11 @@ def forward_packed(
             positions[r, at : at + len(own)] = torch.arange(p, p + len(own))
             segment[r, at : at + len(own)] = j + 1
             where[i] = (r, at, p)
+            last[i] = at + len(own) - 1
             at += len(own)
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool) & (query == -1)  # a padding row attends to itself: no NaN
+    allowed = causal & ((key == 0) | (key == query))  # a padding token (-1) attends to itself and the prefix: no NaN
     mask = allowed[:, None]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
@@ -467,8 +471,7 @@ def forward_packed(
 
     members = [i for row in rows for i in row.members]
     rows_of = torch.tensor([where[i][0] for i in members], device=hidden.device)
-    last = torch.tensor([int(column(i, np.array(len(encoded[i].input_ids) - 1))) for i in members], device=hidden.device)
-    final = states(hidden[rows_of, last]).cpu()
+    final = states(hidden[rows_of, torch.tensor([last[i] for i in members], device=hidden.device)]).cpu()
     sentences = []
     if with_sentences:
         for i in members:
@@ -702,8 +705,9 @@ def _rows(model, encoded, groups, max_length, batch_size, pad_id, device, standa
     if not shared:
         return alone, False
     attention = model.config._attn_implementation
+    # the check runs one batch as the loop will (a best-of-N row can hold many more sequences than batch_size)
     if attention in PACKABLE_ATTENTION and packing_agrees(
-        model, shared[: max(1, batch_size // 2)], encoded, pad_id, device, standardized
+        model, packed_batches(shared, encoded, batch_size)[0], encoded, pad_id, device, standardized
     ):
         return rows, True
     log.warning("attention %r: shared prompts are not packed (each sequence runs whole)", attention)
