@@ -12,8 +12,8 @@ from test_rewardbench_v2 import grouped_scores
 from test_workflow import REPO, snakemake, tiny_config
 
 from sarm.ablations import comparisons, ordering_table, paired_bootstrap, verdict
-from sarm.config import reward_model_specs
 from sarm.errors import SarmError
+from sarm.variants import specs_from_config
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_shared_caches_and_sae(ablation_run):
 
 
 def test_comparisons_pair_models_that_differ_only_where_the_claim_says():
-    specs = reward_model_specs(
+    specs = specs_from_config(
         {
             "reward_models": {
                 "a": {"features": "sae"},
@@ -110,7 +110,7 @@ def test_ordering_table_scores_are_the_category_mean():
         )
 
     scores = {"a": {"t": frame([1.0, 1.0, 1.0, -1.0])}, "d": {"t": frame([1.0, -1.0, -1.0, -1.0])}}
-    specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
+    specs = specs_from_config({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
     row = ordering_table(scores, specs, draws=100).iloc[0]
     # a: x 2/2, y 1/2 -> 75 %; d: x 1/2, y 0/2 -> 25 %
     assert (row["score_winner"], row["score_loser"], row["difference"]) == (75.0, 25.0, 50.0)
@@ -125,7 +125,7 @@ def test_rewardbench2_orderings_use_the_official_score():
     ties = {("Ties", "ref:1"): ([2.0], [1.0]), ("Ties", "tied:1"): ([2.0, 1.5], [1.0])}
     a = grouped_scores({("Math", "m1"): ([3.0], [1.0, 2.0, 4.0]), ("Math", "m2"): ([3.0], [1.0, 2.0, 4.0]), **ties})
     d = grouped_scores({("Math", "m1"): ([3.0], [3.0, 3.0, 0.0]), ("Math", "m2"): ([3.0], [3.0, 3.0, 0.0]), **ties})
-    specs = reward_model_specs({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
+    specs = specs_from_config({"reward_models": {"a": {"features": "sae"}, "d": {"features": "hidden"}}})
     row = ordering_table({"a": {"rb2": a}, "d": {"rb2": d}}, specs, draws=200).iloc[0]
     official = {name: 100 * summarize(t, name)["benchmark_scores"]["score"] for name, t in (("a", a), ("d", d))}
     assert (row["score_winner"], row["score_loser"]) == (round(official["a"], 1), round(official["d"], 1))
@@ -135,11 +135,11 @@ def test_rewardbench2_orderings_use_the_official_score():
 
 def test_bad_reward_model_specs_name_the_key():
     with pytest.raises(SarmError, match="reward_models.d: sae and topk apply to features: sae only"):
-        reward_model_specs({"reward_models": {"d": {"features": "hidden", "topk": False}}})
+        specs_from_config({"reward_models": {"d": {"features": "hidden", "topk": False}}})
     with pytest.raises(SarmError, match="reward_models.j.mode: joint trains an SAE"):
-        reward_model_specs({"reward_models": {"j": {"features": "hidden", "mode": "joint"}}})
+        specs_from_config({"reward_models": {"j": {"features": "hidden", "mode": "joint"}}})
     with pytest.raises(SarmError, match="reward_models.f: a full_depth model is a sequence classifier"):
-        reward_model_specs({"reward_models": {"f": {"mode": "full_depth", "sae": "token"}}})
+        specs_from_config({"reward_models": {"f": {"mode": "full_depth", "sae": "token"}}})
 
 
 def test_official_subsets_weigh_as_in_the_accuracy_tables():

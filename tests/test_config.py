@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sarm.config import check, check_references, explain_reward_model, reward_model_specs
+from sarm.config import check, check_references, explain_reward_model
 from sarm.errors import SarmError
+from sarm.variants import specs_from_config
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -145,7 +146,7 @@ SAE_AND_DENSE = {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}
 
 def explained(models: dict | None, name: str | None = None):
     config = {"reward_models": models, "explain": {} if name is None else {"reward_model": name}}
-    return explain_reward_model(config, reward_model_specs(config))
+    return explain_reward_model(config, specs_from_config(config))
 
 
 def test_the_default_explains_sarm():
@@ -284,7 +285,7 @@ def test_the_library_never_imports_the_workflow_package():
                 f"{path.relative_to(root)}: {n}" for n in names if n == "sarm.workflow" or n.startswith("sarm.workflow.")
             ]
     assert offenders == []
-    script = "import sys, sarm.schema, sarm.variants, sarm.config; print(sorted({'torch', 'pandas', 'transformers', 'sae_lens'} & set(sys.modules)))"
+    script = "import sys, sarm.schema, sarm.variants, sarm.config; print(sorted({'torch', 'pandas', 'numpy', 'transformers', 'sae_lens', 'sarm.rewardbench', 'sarm.data'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -22,7 +22,6 @@ from sarm.errors import SarmError
 from sarm.evaluate import score_cached
 from sarm.rewardbench import (
     SECTIONS,
-    V1_PAIRS,
     V2_PROMPTS,
     best_of_n,
     length_baseline,
@@ -31,6 +30,7 @@ from sarm.rewardbench import (
     summarize,
     ties_score,
 )
+from sarm.schema import V1_PAIRS
 
 RB2_HUB = {"hub": "allenai/reward-bench-2", "split": "test", "format": "rewardbench2"}
 RB1_HUB = {"hub": "allenai/reward-bench", "split": "filtered", "format": "rewardbench"}

@@ -5,8 +5,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sarm.ablations import typed
-from sarm.config import reward_model_specs
 from sarm.errors import SarmError
 from sarm.tables import (
     ABLATIONS,
@@ -19,6 +17,7 @@ from sarm.tables import (
     paper_tables_figure,
     write_table,
 )
+from sarm.variants import specs_from_config, specs_from_dicts
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reference_results"
 BOARD_MODELS = ["Schrieffer/Llama-SARM-4B", "RLHFlow/ArmoRM-Llama3-8B-v0.1", "not/on-any-board"]
@@ -76,11 +75,11 @@ def summaries():
 
 @pytest.fixture
 def tables(summaries):
-    return paper_tables(summaries, REWARD_MODELS, REFERENCE, BOARD_MODELS, "smollm2")
+    return paper_tables(summaries, specs_from_dicts(REWARD_MODELS), REFERENCE, BOARD_MODELS, "smollm2")
 
 
 def test_ablation_mapping_by_spec():
-    specs = typed(REWARD_MODELS)  # as the rule's params give them
+    specs = specs_from_dicts(REWARD_MODELS)  # as the rule's params give them
     assert [ablation_of(specs[name]) for name in REWARD_MODELS] == [
         "SARM",
         "SARM",
@@ -90,7 +89,7 @@ def test_ablation_mapping_by_spec():
         None,
         None,
     ]
-    assert ablation_of(reward_model_specs({"reward_models": {"x": {}}})["x"]) == "SARM"  # frozen, sequence-level, TopK
+    assert ablation_of(specs_from_config({"reward_models": {"x": {}}})["x"]) == "SARM"  # frozen, sequence-level, TopK
 
 
 def test_local_rows_never_sit_under_official_columns(tables):

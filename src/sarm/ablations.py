@@ -19,7 +19,7 @@ from sarm.rewardbench import (
     rewardbench2_subset_scores,
 )
 from sarm.schema import EXAMPLE_COUNTS, benchmark
-from sarm.variants import RewardModelSpec, spec_from_dict
+from sarm.variants import RewardModelSpec
 
 # (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
 CLAIMS: list[tuple[str, dict, dict]] = [
@@ -60,16 +60,10 @@ COLUMNS = [
 ]
 
 
-def typed(specs: dict) -> dict[str, RewardModelSpec]:
-    """Reward-model specs by name, typed (`sarm.variants`): given typed, or as their `as_dict()` (a rule's params)."""
-    return {name: spec if isinstance(spec, RewardModelSpec) else spec_from_dict(name, spec) for name, spec in specs.items()}
-
-
-def comparisons(specs: dict) -> list[tuple[str, str, str]]:
+def comparisons(specs: dict[str, RewardModelSpec]) -> list[tuple[str, str, str]]:
     """(claim, winner, loser) for every pair of trained models that a claim compares. The two must be trained
     the same way unless the claim is about the training mode; a mode claim between two heads over features keeps
     the head's features fixed (a sequence classifier has none to keep)."""
-    specs = typed(specs)
     out = []
     for claim, win, lose in CLAIMS:
         about_mode = "mode" in win or "mode" in lose

@@ -109,7 +109,7 @@ EXPLAIN_REWARD_MODEL = "sarm"  # config key explain.reward_model's default
 
 def explain_reward_model(config: dict, specs: dict) -> str | None:
     """The reward model whose feature cards, attributions and preference shift the workflow writes (config key
-    explain.reward_model; `specs` from reward_model_specs), or None when there is none to explain. It needs a
+    explain.reward_model; `specs` from sarm.variants.specs_from_config), or None when there is none to explain. It needs a
     linear head over SAE latents (features: sae, any mode but full_depth). The default name, `sarm`, is explained
     when it is such a model and quietly left out otherwise (a config without it has no explain outputs); any other
     name that is not such a model raises SarmError naming the key."""
@@ -126,11 +126,3 @@ def explain_reward_model(config: dict, specs: dict) -> str | None:
     else:
         problem = f"{name!r} (mode {spec.kind}, features {spec.features}) has no SAE head to explain"
     raise SarmError(f"config key explain.reward_model: {problem}; name a reward model with features: sae")
-
-
-def reward_model_specs(config: dict) -> dict:
-    """Config key `reward_models` as typed specs (`sarm.variants`), after the checks the schema cannot make (call
-    it on the config as given, before the schema fills in defaults)."""
-    from sarm.variants import specs_from_config
-
-    return specs_from_config(config)

@@ -32,10 +32,7 @@ from sarm.schema import (
     Benchmark,
     benchmark,
 )
-from sarm.schema import V1_PAIRS as V1_PAIRS  # re-exported
 
-# The tables' columns and the official benchmarks' constants live in sarm.schema; re-exported here for the
-# modules and tests that read them from the scoring module.
 V2_SUBSETS = list(V2_PROMPTS)
 SUBSET_COLUMNS = ["category", "subset", "n", "accuracy"]
 

@@ -228,10 +228,9 @@ def paper_tables(
     rewardbench_v1_leaderboard.csv (None: no leaderboard rows). Scores in %. `stand_in`: the official sets are the
     miniature's stand-ins (config key miniature.enabled), and their rows say so.
     """
-    from sarm.ablations import typed
     from sarm.variants import specs_from_config
 
-    reward_models = typed(reward_models) if reward_models else specs_from_config({})  # default: sarm and dense
+    reward_models = reward_models or specs_from_config({})  # default: sarm and dense
     ablation_only = {PAPER_ABLATIONS[name] for name in ABLATIONS[1:]}  # rows of Table 2 only
     rb2_rows = _with_percent(
         _reproduced(summaries, backbone, REWARDBENCH_2.key, stand_in), RB2_COLUMNS, REWARDBENCH_2.overall_key

@@ -5,17 +5,18 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from sarm.config import check, reward_model_specs
-from sarm.config import check_references, explain_reward_model
+from sarm.config import EXPLAIN_REWARD_MODEL, check, check_references, explain_reward_model
 from sarm.errors import SarmError
 from sarm.provenance import PORTABLE_CPU
 from sarm.sae_input import pretrained_input
+from sarm.variants import specs_from_config
 
 try:
     check(config, workflow.source_path("../schemas/config.schema.yaml"))  # one line naming the key
-    REWARD_MODELS = reward_model_specs(config)  # name -> its typed spec (sarm.variants)
+    REWARD_MODELS = specs_from_config(config)  # name -> its typed spec (sarm.variants), on the config as given
     validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
     check_references(config)  # what the schema cannot say: cross-references between keys
+    EXPLAINED = explain_reward_model(config, REWARD_MODELS)  # None: nothing to explain (the default `sarm` absent)
 except SarmError as err:
     raise WorkflowError(str(err)) from None
 
@@ -261,10 +262,6 @@ def gpus():
 EXPLAIN_RM = config["explain"]["reward_model"]
 EXPLAIN = f"{RESULTS}/explain/{EXPLAIN_RM}"
 SHIFT = f"{RESULTS}/shift/{EXPLAIN_RM}"
-try:
-    EXPLAINED = explain_reward_model(config, REWARD_MODELS)  # None: nothing to explain (the default `sarm` absent)
-except SarmError as err:
-    raise WorkflowError(str(err)) from None
 EXPLAIN_SPEC = REWARD_MODELS[EXPLAINED] if EXPLAINED else None
 EXPLAIN_TUNED = bool(EXPLAIN_SPEC) and EXPLAIN_SPEC.own_backbone  # fine-tuned layers 1..L
 # The caches it is read from: the base model's, or (tuned) those of its own fine-tuned layers 1..L.
@@ -278,7 +275,7 @@ SHIFT_ON = bool(config["shift"]["categories"] or config["shift"]["subsets"] or c
 def cards_title():
     """The cards' title: the model (unless it is the default `sarm`), the base model and layer, for a tuned one its
     mode, and the table."""
-    name = "" if EXPLAIN_RM == "sarm" else f" of {EXPLAIN_RM}"
+    name = "" if EXPLAIN_RM == EXPLAIN_REWARD_MODEL else f" of {EXPLAIN_RM}"
     backbone = f" (layers 1..{LAYER} fine-tuned, mode {EXPLAIN_SPEC.kind})" if EXPLAIN_TUNED else ""
     return f"SARM feature cards{name}: {MODEL} layer {LAYER}{backbone}, {EXPLAIN_TABLE}"
 

@@ -9,7 +9,7 @@ RL_TRAIN_KEYS = [
     "temperature", "lora", "use_vllm", "gradient_checkpointing",
 ]
 # linear heads over features (RewardModel folders): the audit reads their per-feature contributions
-RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec.feature_head and spec.linear_head]
+RL_JUDGES = [name for name, spec in REWARD_MODELS.items() if spec.contributions_per_feature]
 if RL["reward"] not in RL_JUDGES:
     raise WorkflowError(f"config key rl.reward: {RL['reward']!r} is not a trained SARM or dense-head reward model ({', '.join(RL_JUDGES)})")
 

@@ -7,6 +7,7 @@ import pandas as pd
 from sarm.ablations import ordering_table
 from sarm.provenance import computed_with_note
 from sarm.tables import write_table
+from sarm.variants import specs_from_dicts
 from sarm.workflow import run_script
 
 
@@ -15,7 +16,7 @@ def main(snakemake):
     scores = {model: {} for model in p.models}
     for (model, table), path in zip(itertools.product(p.models, p.tables), snakemake.input.scores):  # expand order
         scores[model][table] = pd.read_parquet(path)
-    orderings = ordering_table(scores, dict(p.specs))
+    orderings = ordering_table(scores, specs_from_dicts(p.specs))
     title = (
         "Do the paper's orderings hold here? Score (%) = on RewardBench 2 the official score (best-of-4, Ties; "
         "prompts resampled within subsets), elsewhere the accuracy tables' overall: the mean of the categories, "

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from sarm.provenance import computed_with_note
 from sarm.tables import paper_tables, paper_tables_figure, write_table
+from sarm.variants import specs_from_dicts
 from sarm.workflow import run_script
 
 TITLES = {
@@ -26,7 +27,7 @@ def main(snakemake):
     for key, path in zip(itertools.product(p.models, p.tables), snakemake.input.summaries):
         with open(path) as f:
             summaries[key] = json.load(f)
-    tables = paper_tables(summaries, p.reward_models, p.reference, p.leaderboard_models, p.backbone, p.stand_in)
+    tables = paper_tables(summaries, specs_from_dicts(p.reward_models), p.reference, p.leaderboard_models, p.backbone, p.stand_in)
     for name, stem in zip(p.names, snakemake.output.tables[::2]):
         title = (
             TITLES[name].replace("the official benchmark", "stand-ins scored the official way") if p.stand_in else TITLES[name]

@@ -11,6 +11,7 @@ from sarm.variants.spec import (
     spec_from_config,
     spec_from_dict,
     specs_from_config,
+    specs_from_dicts,
 )
 
 # the built-in kinds register themselves on import
@@ -34,5 +35,6 @@ __all__ = [
     "register",
     "spec_from_config",
     "spec_from_dict",
+    "specs_from_dicts",
     "specs_from_config",
 ]

@@ -66,7 +66,7 @@ class RewardModelSpec:
     own_backbone: ClassVar[bool] = False  # its layers 1..L change in training: its states are cached through them
     feature_head: ClassVar[bool] = True  # saved as a head over features (`RewardModel`), else a sequence classifier
     paper_head: ClassVar[bool] = False  # the paper's head (linear, on TopK latents of a frozen SAE): a Table 2 row
-    linear_head: ClassVar[bool] = True  # a feature head whose reward is sum_i w_i z_i (per-feature contributions)
+    linear_head: ClassVar[bool] = True  # its reward is a linear BT score of its representation (SparseRM's MLP: not)
 
     # --- building and checking, from the config ---
     @classmethod
@@ -113,9 +113,14 @@ class RewardModelSpec:
         return not self.own_backbone and self.feature_head
 
     @property
+    def contributions_per_feature(self) -> bool:
+        """A reward that is sum_i w_i z_i over saved features: per-feature contributions (the RL audit, the server)."""
+        return self.feature_head and self.linear_head
+
+    @property
     def explainable(self) -> bool:
-        """Has a linear head over SAE latents: feature cards, attributions and the preference shift apply."""
-        return self.feature_head and self.linear_head and self.features == "sae"
+        """A linear head over SAE latents: feature cards, attributions and the preference shift apply."""
+        return self.contributions_per_feature and self.features == "sae"
 
     # --- cost (sarm.workflow.resources sizes the jobs with these) ---
     def training_cost(self, config: dict, shape, gpu: bool) -> Cost:
@@ -152,6 +157,11 @@ def specs_from_config(config: dict) -> dict[str, RewardModelSpec]:
         name: spec_from_config(name, dict(given or {}))
         for name, given in (config.get("reward_models") or DEFAULT_REWARD_MODELS).items()
     }
+
+
+def specs_from_dicts(values: dict[str, dict]) -> dict[str, RewardModelSpec]:
+    """The specs again from their `as_dict()` by name (a rule's params)."""
+    return {name: spec_from_dict(name, spec) for name, spec in values.items()}
 
 
 def spec_from_dict(name: str, values: dict[str, Any]) -> RewardModelSpec:
