@@ -300,11 +300,11 @@ def caching_rows(args, rows, tokenizer, pairs, truncated, full, n_layers, dtype,
     def rate(seconds):
         return f"{n_seq / seconds:.1f} seq/s, {n_tokens / seconds:,.0f} tok/s"
 
-    rows.append(row("caching", "bare truncated forward (layers 1..L, plain torch)", rate(t_bare)))
+    rows.append(row("caching", "bare truncated forward (layers 1..L, plain torch, one sequence a row)", rate(t_bare)))
     rows.append(
         row(
             "caching",
-            "workflow `cache_activations` (tokenise + forward + standardise + shards)",
+            "workflow `cache_activations` (tokenise + forward + standardise + shards; float32 packs shared prompts, so > 1 is possible)",
             rate(t_cache),
             "bare forward",
             t_bare / t_cache,
@@ -347,7 +347,7 @@ def caching_rows(args, rows, tokenizer, pairs, truncated, full, n_layers, dtype,
     rows.append(
         row(
             "caching",
-            "padding waste, length-bucketed batches",
+            "padding waste, length-bucketed batches (the unpacked path: 16-bit models)",
             f"{padding_waste(lengths, batches):.1%}",
             "in arrival order",
             None,

@@ -21,12 +21,13 @@ def ablation_run(tiny_model_dir, shared_data, tmp_path_factory):
     """The tiny model with the ablation config's reward models (all modes and SAE kinds)."""
     ablations = yaml.safe_load((REPO / "config/ablations.yaml").read_text())
     # every mode and SAE kind (dense heads, frozen TopK-off: covered by test_finetune and test_workflow)
-    keep = ["sarm", "sarm-random-sae", "sarm-token-sae", "sarm-finetuned", "sarm-joint", "full-depth"]
+    keep = ["sarm", "sarm-random-sae", "sarm-token-sae", "sarm-finetuned", "sarm-joint", "full-depth", "sparse-rm"]
     config = tiny_config(tiny_model_dir, shared_data) | {
         "reward_models": {name: ablations["reward_models"][name] for name in keep},
         "finetune": {**ablations["finetune"], "max_pairs": 12, "global_batch_size": 4, "per_device_batch_size": 2},
         "bon": {"path": None},
-        "explain": {"labels": {"judge": "none"}},
+        # the cards and attributions of another model than `sarm` (config key explain.reward_model), for real
+        "explain": {"labels": {"judge": "none"}, "reward_model": "sarm-token-sae"},
     }
     workdir = tmp_path_factory.mktemp("ablations")
     result = snakemake(workdir, config)
@@ -55,6 +56,19 @@ def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
     ]
     assert all(orderings["claim"].str.startswith(claim).any() for claim in expected)
     assert set(orderings["table"]) == {"val", "rb-like"} and orderings["verdict"].notna().all()
+    assert configs["sparse-rm"]["format"] == "sarm-sparse-rm" and len(configs["sparse-rm"]["sparse_rm"]["latents"]) == 128
+    assert not orderings[["winner_by_paper", "loser_by_paper"]].isin(["sparse-rm"]).any().any()  # no linear head
+
+
+def test_explain_follows_explain_reward_model(ablation_run):
+    """The cards and attributions are those of the model config key explain.reward_model names, and only its."""
+    workdir, _ = ablation_run
+    explain = workdir / "results" / "explain"
+    assert [p.name for p in explain.iterdir()] == ["sarm-token-sae"]
+    assert (explain / "sarm-token-sae" / "cards.html").stat().st_size > 0
+    token_sae = json.loads((workdir / "results" / "reward" / "sarm-token-sae" / "reward_model.json").read_text())
+    attributions = pd.read_parquet(explain / "sarm-token-sae" / "attributions" / "val.parquet")
+    assert len(attributions) > 0 and token_sae["sae_kind"] == "token"
 
 
 def test_shared_caches_and_sae(ablation_run):
