@@ -32,13 +32,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sarm.errors import SarmError
+from sarm.provenance import CACHE_META_FILE
 
 log = logging.getLogger(__name__)
 
 SENTENCE_END_CHARS = frozenset(".,?!;\n")
 STANDARDIZE_EPS = 1e-6
 INDEX_FILE = "index.parquet"
-META_FILE = "meta.json"
+META_FILE = CACHE_META_FILE
 CHECKSUMS = "shard_sha256"  # meta.json key: shard file name -> sha256 of its bytes, checked when it is read
 
 
@@ -588,7 +589,8 @@ def cache_sequences(
     with columns `prompt` (chat messages) and `response`; row i becomes cached sequence i, and the other
     columns go to the index as they are. The SAE corpus kept beside the final tokens holds the sentence-final
     states (`corpus="sentence"`) or as many states at token positions drawn uniformly (`"token"`, for the
-    token-level SAE ablation). `encoded`: sequences tokenised already (then `sequences` is only the index).
+    token-level SAE ablation). `encoded`: sequences tokenised already (then `sequences` is only the index, and
+    no prompt is known to be shared: each sequence runs whole, unpacked).
     A pretrained SAE's input in `meta["sae_input"]` (sarm.sae_input: its hook and normalisation) is checked against
     the model, and says whether the states are standardised (this project's SAEs) or kept raw (a public SAE's)."""
     states = (meta or {}).get("sae_input")

@@ -78,6 +78,9 @@ def describe(dtype: str | None, found: dict | None) -> str:
     return f"hidden states in {dtype} on {where}{flags}"
 
 
+CACHE_META_FILE = "meta.json"  # what an activation cache records (sarm.activations writes it)
+
+
 def computed_with(model, cache=None, device: str = "cpu") -> dict:
     """The dtype and the processor the hidden states were computed with: those the cache recorded when it was
     written (a frozen backbone), or this process's when a tuned model scores from text."""
@@ -98,10 +101,18 @@ def computed_with_note(summaries) -> str:
 
 
 def caches_note(folders) -> str:
-    """`computed_with_note` for a table built from activation caches: what each cache recorded when it was written."""
-    from sarm.activations import ActivationCache
+    """`computed_with_note` for a table built from activation caches: what each cache recorded when it was written
+    (its `meta.json` only: a table job reads no shard and needs no torch)."""
+    from sarm.errors import SarmError
 
-    return computed_with_note({"computed_with": computed_with(None, ActivationCache(folder))} for folder in folders)
+    notes = []
+    for folder in folders:
+        meta_file = Path(folder) / CACHE_META_FILE
+        if not meta_file.exists():
+            raise SarmError(f"{folder} is not a finished activation cache (no {CACHE_META_FILE}); re-run its rule")
+        meta = json.loads(meta_file.read_text())
+        notes.append({"computed_with": {"dtype": meta.get("dtype"), "machine": meta.get("machine")}})
+    return computed_with_note(notes)
 
 
 def collect(config: dict, model_dir: str | Path) -> dict:
