@@ -171,6 +171,11 @@ def test_rl_target_is_wired_and_checks_its_config(tiny_model_dir, shared_data, t
     assert result.returncode == 0, result.stderr[-3000:]
     for rule in ("rl_prompts", "rl_train", "rl_evaluate", "rl_tables"):
         assert f"rule {rule}:" in result.stdout, rule
+    # a real job: the policy param comes from the rule's input (the fetched base model) and its tokenizer reads it
+    result = snakemake(tmp_path / "ok", config, "results/rl/sarm/prompts.parquet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompts = pd.read_parquet(tmp_path / "ok/results/rl/sarm/prompts.parquet")
+    assert set(prompts["split"]) == {"train", "heldout"} and (prompts["source"] == "mt_bench").all()
     result = snakemake(tmp_path / "all", config, "-n")
     assert "rl_train" not in result.stdout  # the default target leaves RL out
     config["rl"]["reward"] = "length"
