@@ -27,30 +27,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import MODEL_SPEC
+from test_finetune import SETTINGS as ONE_PROCESS
 
 from sarm.cluster import launch_command
 from sarm.data import write_pairs
 from sarm.errors import SarmError
 from sarm.finetune import RANKS_FILE, _whole_batches, finetune_reward_model, processes, run_processes, write_job
 
-MODEL_SPEC = {"name": "tiny", "layer": 2, "dtype": "float32", "max_length": 96}
-SETTINGS = {
-    "epochs": 2,
-    "lr": 1e-3,
-    "head_lr": 1e-2,
-    "global_batch_size": 4,
-    "per_device_batch_size": 2,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "gradient_checkpointing": True,
-    "dtype": "float32",
-    "max_pairs": None,
-    "gpus": 1,
-    "cpu_processes": 2,
-    "zero3": False,
-    "eval_batch_size": 4,
-}
-SPEC = {"features": "hidden", "mode": "finetune", "sae": None, "topk": None, "recon_weight": 1.0}
+SETTINGS = {**ONE_PROCESS, "cpu_processes": 2, "zero3": False}
+SPEC = {"features": "hidden", "mode": "finetune", "sae": None, "topk": None}
 ATOL = 2e-5
 TRAIN_PAIRS = 8  # 2 epochs x 8 pairs / global batch 4 = 4 optimiser steps; 8 = 2 processes x 2 pairs x 2 batches
 
