@@ -11,8 +11,9 @@ import yaml
 from test_rewardbench_v2 import grouped_scores
 from test_workflow import REPO, snakemake, tiny_config
 
-from sarm.ablations import comparisons, ordering_table, paired_bootstrap, verdict
+from sarm.ablations import comparisons, ordering_table, verdict
 from sarm.errors import SarmError
+from sarm.intervals import paired_bootstrap
 from sarm.variants import specs_from_config
 
 
@@ -58,6 +59,10 @@ def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
     assert set(orderings["table"]) == {"val", "rb-like"} and orderings["verdict"].notna().all()
     assert configs["sparse-rm"]["format"] == "sarm-sparse-rm" and len(configs["sparse-rm"]["sparse_rm"]["latents"]) == 128
     assert not orderings[["winner_by_paper", "loser_by_paper"]].isin(["sparse-rm"]).any().any()  # no linear head
+    beside = pd.read_csv(results / "tables" / "variant_comparisons.csv")  # every variant beside the SARM head
+    assert set(beside["variant"]) == set(variants) - {"sarm"} and set(beside["reference"]) == {"sarm"}
+    assert set(beside["table"]) == {"val", "rb-like"}
+    assert (beside["ci_low"] <= beside["difference"]).all() and (beside["difference"] <= beside["ci_high"]).all()
 
 
 def test_explain_follows_explain_reward_model(ablation_run):
@@ -158,7 +163,7 @@ def test_bad_reward_model_specs_name_the_key():
 
 def test_official_subsets_weigh_as_in_the_accuracy_tables():
     """Chat Hard of RewardBench v1: llmbar-natural counts 100, mt-bench-hard 37, whatever was sampled."""
-    from sarm.ablations import category_mean_accuracy, pair_weights
+    from sarm.intervals import category_mean_accuracy, pair_weights
     from sarm.rewardbench import category_scores, subset_table
 
     scores = pd.DataFrame(

@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from sarm.ablations import COMPARISONS
 from sarm.data import _check_spec, benchmark_of_spec, load_pairs
 from sarm.errors import SarmError
+from sarm.intervals import SCORE_DRAWS
 from sarm.rewardbench import SCORERS, summarize
 from sarm.schema import (
     BENCHMARK_COLUMN,
@@ -28,7 +28,7 @@ def test_registry_and_records():
     assert (REWARDBENCH_2.full_size, REWARDBENCH_V1.full_size) == (1865, 2985)
     assert [b.official for b in BENCHMARKS.values()] == [True, True, False]
     for record in BENCHMARKS.values():  # every scoring rule has its summary and its paired comparison
-        assert record.scoring in SCORERS and record.scoring in COMPARISONS
+        assert record.scoring in SCORERS and record.scoring in SCORE_DRAWS
 
 
 def test_unknown_key_is_a_one_line_error():

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from sarm.tables import CI_ROWS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -94,10 +96,12 @@ def test_whole_dag_writes_the_tables(smoke_run):
     for table in ("val", "rb-like"):
         acc = pd.read_csv(tables / f"accuracy_{table}.csv")
         assert list(acc.columns) == ["category", "n", "sarm", "dense", "length"]
-        assert acc["category"].iloc[-1] == "overall"
+        assert list(acc["category"].iloc[-3:]) == ["overall", *CI_ROWS]  # the overall's bootstrap interval
         assert acc[["sarm", "dense", "length"]].apply(lambda c: c.between(0, 100)).all().all()
+        low, overall, high = acc.set_index("category").loc[[CI_ROWS[0], "overall", CI_ROWS[1]], "sarm"]
+        assert low <= overall <= high and low < high
     rb = pd.read_csv(tables / "accuracy_rb-like.csv").set_index("category")
-    assert set(rb.index) == {"chat", "chat_hard", "safety", "reasoning", "overall"}
+    assert set(rb.index) == {"chat", "chat_hard", "safety", "reasoning", "overall", *CI_ROWS}
     assert rb.loc["reasoning", "n"] == 12  # six hep subsets, two pairs each
     sae = pd.read_csv(tables / "sae_metrics.csv")
     assert set(sae["heldout"]) == {"sentence", "final_token"} and (sae["l0"] == 8).all()

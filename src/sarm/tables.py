@@ -8,15 +8,22 @@ import pandas as pd
 
 from sarm.schema import LOCAL, REWARDBENCH_2, REWARDBENCH_V1, benchmark
 
+CI_ROWS = ("95 % CI low", "95 % CI high")  # the overall score's bootstrap interval (summary key `interval`)
+
 
 def accuracy_table(summaries: dict[str, dict]) -> pd.DataFrame:
-    """Per-category accuracy (%) with one column per model; rows as in each summary's `categories`."""
-    columns = {}
+    """Per-category accuracy (%) with one column per model; rows as in each summary's `categories`, then the
+    bounds of the overall score's 95 % bootstrap interval (empty for a summary that records none)."""
+    columns, rows = {}, []
     for model, summary in summaries.items():
         cats = pd.DataFrame(summary["categories"]).set_index("category")
-        columns[model] = (100 * cats["accuracy"]).round(1)
+        interval = summary.get("interval") or {}
+        bounds = pd.Series([interval.get("low"), interval.get("high")], index=list(CI_ROWS), dtype=float)
+        columns[model] = (100 * pd.concat([cats["accuracy"], bounds])).round(1)
         columns.setdefault("n", cats["n"])
-    table = pd.DataFrame(columns)
+        rows += [row for row in [*cats.index, *CI_ROWS] if row not in rows]
+    table = pd.DataFrame(columns).reindex(rows).astype({"n": "Int64"})
+    table.index.name = "category"
     return table[["n", *summaries]].reset_index()
 
 
@@ -39,7 +46,7 @@ def accuracy_figure(tables: dict[str, pd.DataFrame], path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 3.8), squeeze=False)
     for ax, (name, table) in zip(axes[0], tables.items()):
         models = [c for c in table.columns if c not in ("category", "n")]
-        table.set_index("category")[models].plot.bar(ax=ax, rot=30)
+        table[~table["category"].isin(CI_ROWS)].set_index("category")[models].plot.bar(ax=ax, rot=30)
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set_title(name)
         ax.set_ylabel("pair accuracy (%)")

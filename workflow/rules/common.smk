@@ -322,15 +322,16 @@ def paper_reference(wildcards):
     return {name: f"{folder}/{name}_leaderboard.csv" for name in ("rewardbench2", "rewardbench_v1")}
 
 
-from sarm.ablations import comparisons
+from sarm.ablations import comparisons, reference_model
 
-ABLATION_COMPARISONS = comparisons(REWARD_MODELS)
+# the orderings table when a claim compares two trained models, or another model sits beside the SARM head
+ABLATION_COMPARISONS = comparisons(REWARD_MODELS) or (len(REWARD_MODELS) > 1 and reference_model(REWARD_MODELS))
 
 
 def ablation_outputs():
     if not ABLATION_COMPARISONS:
         return []
-    return expand(f"{RESULTS}/tables/ablation_orderings.{{ext}}", ext=["md", "csv"])
+    return expand(f"{RESULTS}/tables/{{name}}.{{ext}}", name=["ablation_orderings", "variant_comparisons"], ext=["md", "csv"])
 
 
 # --- Cluster resources, computed from the experiment (the model and its numbers: src/sarm/cluster.py) ---

@@ -3,6 +3,7 @@ import json
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
 from sarm.evaluate import score_cached, score_text
+from sarm.intervals import interval_summary
 from sarm.provenance import computed_with
 from sarm.reward_model import load
 from sarm.rewardbench import summarize
@@ -21,8 +22,9 @@ def main(snakemake):
         scores = score_text(model, pairs, snakemake.params.batch_size)
         where = computed_with(model, device=snakemake.params.device)
     scores.to_parquet(snakemake.output.scores, index=False)
+    summary = {**summarize(scores, snakemake.wildcards.rm), "interval": interval_summary(scores), "computed_with": where}
     with open(snakemake.output.summary, "w") as f:
-        json.dump({**summarize(scores, snakemake.wildcards.rm), "computed_with": where}, f, indent=2)
+        json.dump(summary, f, indent=2)
 
 
 run_script(snakemake, main)
