@@ -197,3 +197,19 @@ def test_the_rule_is_planned_with_the_default_config(shared_data, tmp_path):
     config["explain"]["token_rewards"] = {"n_pairs": 0}
     result = snakemake(tmp_path / "off", config, "-n")
     assert result.returncode == 0 and "rule token_rewards:" not in result.stdout
+
+
+def test_the_rules_job_is_sized_from_the_pairs_and_the_model(shared_data):
+    from test_cluster import repo_config
+
+    from sarm.cluster import model_shape
+    from sarm.workflow.resources import estimate
+
+    def sized(name, n_pairs):
+        config = repo_config(name, shared_data)
+        config.setdefault("explain", {})["token_rewards"] = {"n_pairs": n_pairs}
+        return estimate("token_rewards", config, model_shape(config), threads=2)
+
+    small, more, paper = sized("config/config.yaml", 3), sized("config/config.yaml", 300), sized("config/paper/sarm-4b.yaml", 3)
+    assert small["gpu"] == 0 and small["mem_mb"] <= 8000 and small["runtime"] <= 30
+    assert more["runtime"] > small["runtime"] and paper["mem_mb"] > small["mem_mb"] and paper["runtime"] > small["runtime"]
