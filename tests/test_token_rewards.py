@@ -94,7 +94,7 @@ def test_top_features_are_each_tokens_largest_contributions(sarm):
     record = sarm.token_rewards(PROMPTS[0], RESPONSES[0], top_k=8)
     for reward, top in zip(record.rewards, record.top_features):
         magnitudes = [abs(f["contribution"]) for f in top]
-        assert magnitudes == sorted(magnitudes, reverse=True)
+        assert magnitudes == sorted(magnitudes, reverse=True) and 0 not in magnitudes
         assert sum(f["contribution"] for f in top) == pytest.approx(reward, abs=1e-4)
         assert all(f["contribution"] == pytest.approx(f["activation"] * float(sarm.weight[f["feature"]]), rel=1e-4) for f in top)
 

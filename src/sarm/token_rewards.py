@@ -33,7 +33,7 @@ class TokenRewards:
     `tokens`: each token's text as decoded (a character split over several tokens goes with the last of them;
     the others are ""), `offsets`: their (start, end) in `text` = "".join(tokens); `positions`: the tokens'
     positions in the (left-truncated) sequence; `rewards`: r_t, the last of which is the sequence reward;
-    `top_features`: for a linear head, per token the k largest contributions w_i z_i (by magnitude) as
+    `top_features`: for a linear head, per token the k largest non-zero contributions w_i z_i (by magnitude) as
     {"feature", "contribution", "activation"}; None when not asked or not a linear head.
     """
 
@@ -108,9 +108,14 @@ def _record(tokenizer, encoded, positions, rewards, top_features=None) -> TokenR
 
 
 def _top(features: torch.Tensor, contributions: torch.Tensor, k: int) -> list[list[dict]]:
+    """Per token, its k largest contributions by magnitude, zeros left out (a latent that does not fire)."""
     top = contributions.abs().topk(min(k, contributions.shape[1]), dim=1).indices
     return [
-        [{"feature": int(f), "contribution": float(contributions[t, f]), "activation": float(features[t, f])} for f in row]
+        [
+            {"feature": int(f), "contribution": float(contributions[t, f]), "activation": float(features[t, f])}
+            for f in row
+            if contributions[t, f] != 0
+        ]
         for t, row in enumerate(top.tolist())
     ]
 
