@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import sys
+from pathlib import Path
 
 from sarm.errors import SarmError
 
@@ -27,10 +28,23 @@ def _score(args) -> None:
     from sarm.reward_model import load  # any saved reward model: every kind scores text
 
     model = load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
-    reward = float(model.score([args.prompt], [args.response])[0])
-    if not math.isfinite(reward):  # never printed as a score with exit 0
-        raise SarmError(f"{args.model}: the reward is {reward}")
-    print(json.dumps({"reward": reward}))
+    if not (args.token_rewards or args.html):
+        reward = float(model.score([args.prompt], [args.response])[0])
+        if not math.isfinite(reward):  # never printed as a score with exit 0
+            raise SarmError(f"{args.model}: the reward is {reward}")
+        print(json.dumps({"reward": reward}))
+        return
+    from sarm.token_rewards import render_html
+
+    record = model.token_rewards(args.prompt, args.response, top_k=args.top_features)
+    if not all(map(math.isfinite, record.rewards)):
+        raise SarmError(f"{args.model}: a token reward is not finite")
+    if args.html:
+        try:
+            Path(args.html).write_text(render_html(record, f"Token rewards: {args.model}", args.prompt))
+        except OSError as err:
+            raise SarmError(f"--html {args.html}: cannot write it ({err.strerror})") from None
+    print(json.dumps(record.to_dict(dense=True) if args.token_rewards else {"reward": record.reward}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompt", required=True)
     score.add_argument("--response", required=True)
     score.add_argument("--device", default="cpu")
+    score.add_argument("--token-rewards", action="store_true", help="also the reward at every token of the response")
+    score.add_argument("--html", default=None, help="write the response's tokens coloured by their reward to this file")
+    score.add_argument("--top-features", type=int, default=0, help="per token, its k largest feature contributions")
     add_trust_remote_code(score)
     score.set_defaults(func=_score)
     for name in COMMAND_MODULES:

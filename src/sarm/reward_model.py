@@ -16,7 +16,8 @@ Two formats, told apart by `format` in the folder's `reward_model.json`:
 
 `load(path)` reads any of them. All score raw text with `score(prompts, responses)`; a head over features (and
 SparseRM) also scores cached hidden states (`score_hidden`); a linear head over features (`linear_head`) splits
-a reward into per-feature contributions. Training lives beside this module: `sarm.reward` fits heads on cached
+a reward into per-feature contributions; every kind gives the reward at each token of a response
+(`token_rewards`, `sarm.token_rewards`). Training lives beside this module: `sarm.reward` fits heads on cached
 states, `sarm.variants.sparse_rm` fits SparseRM on them, `sarm.finetune` trains end to end.
 """
 
@@ -33,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sarm import activations, models
+from sarm import token_rewards as per_token
 from sarm.errors import SarmError
 from sarm.sae import load_sae, save_sae
 
@@ -254,6 +256,15 @@ class RewardModel:
     def score_texts(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         """Rewards of conversations already rendered with the chat template (see `encode_texts`)."""
         return self.score_hidden(self.hidden_encoded(self.encode_texts(texts), batch_size)).numpy()
+
+    # --- per-token rewards (sarm.token_rewards) ---
+    def token_rewards(self, prompt, response: str, top_k: int = 0) -> per_token.TokenRewards:
+        """The head applied at each token of the response through the final token (whose value is `score`'s);
+        `top_k`: each token's largest feature contributions (a linear head)."""
+        return self.token_rewards_batch([prompt], [response], top_k=top_k)[0]
+
+    def token_rewards_batch(self, prompts: list, responses: list[str], batch_size: int = 16, top_k: int = 0) -> list:
+        return per_token.of_feature_head(self, self.encode(prompts, responses), batch_size, top_k)
 
     # --- persistence ---
     def save_pretrained(self, path: str | Path) -> Path:
@@ -508,17 +519,30 @@ class ClassifierRewardModel:
             .eval()
         )
 
-    @torch.no_grad()
-    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
+    def encode(self, prompts: list, responses: list[str]) -> list[activations.Encoded]:
+        if len(prompts) != len(responses):
+            raise SarmError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self._model is None:
             self._load()
         max_length = self.config["base_model"]["max_length"]
-        encoded = [activations.encode(self._tokenizer, messages(p), r, max_length).input_ids for p, r in zip(prompts, responses)]
+        return [activations.encode(self._tokenizer, messages(p), r, max_length) for p, r in zip(prompts, responses)]
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
+        encoded = [e.input_ids for e in self.encode(prompts, responses)]
         out = np.empty(len(encoded), dtype=np.float64)
         for batch in activations.length_sorted_batches([len(e) for e in encoded], batch_size):
             ids, mask = activations.pad_right([encoded[i] for i in batch], self._tokenizer.pad_token_id)
             out[batch] = classifier_rewards(self._model, ids.to(self.device), mask.to(self.device)).cpu().numpy()
         return out
+
+    def token_rewards(self, prompt, response: str, top_k: int = 0) -> per_token.TokenRewards:
+        """Its score layer at each token of the response (no feature contributions: `top_k` is ignored)."""
+        return self.token_rewards_batch([prompt], [response])[0]
+
+    def token_rewards_batch(self, prompts: list, responses: list[str], batch_size: int = 16, top_k: int = 0) -> list:
+        encoded = self.encode(prompts, responses)
+        return per_token.of_classifier(self._model, self._tokenizer, encoded, self.device, batch_size)
 
 
 def load(path: str | Path, device: str = "cpu", trust_remote_code: bool = False):

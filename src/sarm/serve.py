@@ -15,9 +15,14 @@ Request bodies (JSON), one of:
 - `{"messages": [[{"role": ..., "content": ...}, ..., {"role": "assistant", ...}], ...]}`: whole
   conversations, each ending in the assistant turn that is scored.
 Optional: `"return_attributions": k` adds, per reward, its k largest feature contributions w_i z_i (by
-magnitude; for SARM the features are SAE latents, whose contributions sum to the reward).
+magnitude; for SARM the features are SAE latents, whose contributions sum to the reward). `"token_rewards": true`
+adds, per reward, the head applied at every token of the response (`sarm.token_rewards`): `{"tokens",
+"offsets", "rewards", "reward", "truncated", "dense"}`, the last of `rewards` being the reward and `dense` their
+differences r_t - r_{t-1} (for RL credit assignment); for a `query` text, whose response start is not known,
+every token of the (kept) text.
 
-Response: `{"rewards": [...], "truncated": [...], "n_tokens": [...], "max_length": L}` (+ `"attributions"`).
+Response: `{"rewards": [...], "truncated": [...], "n_tokens": [...], "max_length": L}` (+ `"attributions"`,
+`"token_rewards"`).
 A text longer than the model's max_length keeps its last L tokens (where the reward is read) and is marked in
 `truncated`. A refused request gets a 4xx/5xx with `{"error": "..."}`; the server keeps serving.
 `GET /health` describes the model and the limits; `GET /stats` counts requests, sequences, batches and refusals.
@@ -67,9 +72,11 @@ from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import torch
 
 from sarm.errors import SarmError
+from sarm.token_rewards import of_feature_head as per_token_rewards
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +176,16 @@ def _check_size(item: tuple, where: str, limits: Limits) -> tuple:
     return item
 
 
-def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], int]:
-    """(items, top_k) of a decoded JSON body; raises BadRequest naming what is wrong (413: over a limit)."""
+@dataclass(frozen=True)
+class Options:
+    """What a request asks for beside the rewards: `return_attributions` (top_k) and `token_rewards`."""
+
+    top_k: int = 0
+    token_rewards: bool = False
+
+
+def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], Options]:
+    """(items, options) of a decoded JSON body; raises BadRequest naming what is wrong (413: over a limit)."""
     limits = limits or Limits()
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object: {FORMS}")
@@ -179,6 +194,9 @@ def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], int]
         top_k = 0
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise BadRequest(f'"return_attributions" must be a non-negative integer (top-k features), got {str(top_k)[:40]!r}')
+    token_rewards = body.get("token_rewards", False)
+    if not isinstance(token_rewards, bool):
+        raise BadRequest(f'"token_rewards" must be true or false, got {str(token_rewards)[:40]!r}')
     if "query" in body:
         items = [
             _check_size(("text", _string(t, f"query[{i}]")), f"query[{i}]", limits)
@@ -206,7 +224,7 @@ def parse_request(body, limits: Limits | None = None) -> tuple[list[tuple], int]
             items.append(_check_size(item, f"messages[{i}]", limits))
     else:
         raise BadRequest(f"expected one of {FORMS}; got keys {sorted(body)[:20]}")
-    return items, top_k
+    return items, Options(top_k, token_rewards)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,16 +237,19 @@ class _Job:
     client: str
     encoded: list
     top_k: int
+    token_rewards: bool = False
     next: int = 0  # the next item to put in a batch
     scored: int = 0
     rewards: list = field(default_factory=list)
     attributions: list = field(default_factory=list)
+    per_token: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
     def __post_init__(self):
         self.rewards = [None] * len(self.encoded)
         self.attributions = [None] * len(self.encoded)
+        self.per_token = [None] * len(self.encoded)
 
 
 class RewardService:
@@ -255,8 +276,8 @@ class RewardService:
         self._worker.start()
 
     # --- handler side ---
-    def parse(self, raw: bytes, deadline: float) -> tuple[list[tuple], int]:
-        """(items, top_k) of a request body, decoded when one of the max_parsing turns is free."""
+    def parse(self, raw: bytes, deadline: float) -> tuple[list[tuple], Options]:
+        """(items, options) of a request body, decoded when one of the max_parsing turns is free."""
         if not self._parsing.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise BadRequest(
                 f"no turn to decode the body within --request-timeout ({self.limits.request_timeout:g} s): the server is busy",
@@ -285,15 +306,15 @@ class RewardService:
                 encoded += self.model.encode([item[1]], [item[2]])
         return encoded
 
-    def score(self, items: list, top_k: int = 0, client: str = "", deadline: float | None = None) -> dict:
+    def score(self, items: list, options: Options = Options(), client: str = "", deadline: float | None = None) -> dict:
         """Score one request's items, blocking until all are scored or `deadline` (time.monotonic) passes."""
         deadline = deadline if deadline is not None else time.monotonic() + self.limits.request_timeout
         self.admit(client, len(items))
-        return self.score_encoded(self.encode(items, deadline), top_k, client, deadline)
+        return self.score_encoded(self.encode(items, deadline), options, client, deadline)
 
-    def score_encoded(self, encoded: list, top_k: int, client: str, deadline: float) -> dict:
+    def score_encoded(self, encoded: list, options: Options, client: str, deadline: float) -> dict:
         """Queue tokenised items and wait for their rewards (503 if `deadline` passes first)."""
-        job = _Job(client, encoded, min(top_k, len(self.model.weight)))
+        job = _Job(client, encoded, min(options.top_k, len(self.model.weight)), options.token_rewards)
         self._submit(job)
         if not job.done.wait(timeout=max(0.0, deadline - time.monotonic())):
             self._cancel(job)
@@ -313,6 +334,8 @@ class RewardService:
         }
         if job.top_k:
             result["attributions"] = job.attributions
+        if job.token_rewards:
+            result["token_rewards"] = job.per_token
         return result
 
     def admit(self, client: str, n: int) -> None:
@@ -435,6 +458,9 @@ class RewardService:
         if top_k:
             contributions = model.contributions(features)
             top = contributions.abs().topk(top_k, dim=1).indices
+        # the states at every response token: a second forward, of the items that ask for them only
+        wanted = [row for row, (job, _) in enumerate(batch) if job.token_rewards]
+        per_token = dict(zip(wanted, per_token_rewards(model, [encoded[row] for row in wanted], self.max_batch)))
         finished = 0
         for row, (job, i) in enumerate(batch):
             if job.done.is_set():
@@ -453,6 +479,11 @@ class RewardService:
                     }
                     for f in top[row, : job.top_k].tolist()
                 ]
+            if job.token_rewards:
+                if not np.isfinite(per_token[row].rewards).all():
+                    self._fail(job, RuntimeError(f"a token reward of item {i} is not finite"))
+                    continue
+                job.per_token[i] = per_token[row].to_dict(dense=True)
             job.scored += 1
             if job.scored == len(job.encoded):
                 finished += 1
@@ -674,12 +705,12 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + self.limits.request_timeout
         client, service = self.client_address[0], self.service
         try:
-            items, top_k = service.parse(raw, deadline)
+            items, options = service.parse(raw, deadline)
             del raw
             service.admit(client, len(items))
             encoded = service.encode(items, deadline)
             del items  # a waiting request holds token ids only
-            result = service.score_encoded(encoded, top_k, client, deadline)
+            result = service.score_encoded(encoded, options, client, deadline)
         except BadRequest as e:
             return self._error(e.status, str(e))
         except Exception as e:  # the model failed: say so, keep serving

@@ -281,7 +281,7 @@ def cards_title():
 
 
 def explain_outputs():
-    """Cards, attributions and the preference shift of the reward model explain.reward_model names (an SAE head,
+    """Cards, attributions, token-reward pages and the preference shift of the reward model explain.reward_model names (an SAE head,
     frozen or tuned: a tuned one is read through its own backbone); none when the default `sarm` is not one."""
     if not EXPLAINED:
         return []
@@ -289,6 +289,8 @@ def explain_outputs():
         *expand(f"{EXPLAIN}/attributions/{{table}}.parquet", table=EVAL_TABLES),
         f"{EXPLAIN}/cards.html",
     ]
+    if config["explain"]["token_rewards"]["n_pairs"]:
+        outputs.append(f"{EXPLAIN}/token_rewards")
     if SHIFT_ON:
         outputs += [
             *expand(f"{RESULTS}/tables/preference_shift{{part}}.{{ext}}", part=["", "_features"], ext=["md", "csv"]),

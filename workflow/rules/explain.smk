@@ -1,4 +1,5 @@
-# Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels) and
+# Interpretability: per-response attributions, feature cards (statistics, contexts, logit lens, labels), the reward
+# at every token of a few evaluation responses (token_rewards: scored from text, on the CPU) and
 # the preference shift of the SARM head named by config key explain.reward_model (EXPLAIN_RM, default `sarm`), all
 # from cached activations: the base model's for a frozen head, those of its own fine-tuned layers 1..L for a tuned
 # one (EXPLAIN_ACT; its targets and paths: workflow/rules/common.smk).
@@ -88,6 +89,29 @@ rule feature_cards:
         "../envs/sarm.yaml"
     script:
         "../scripts/feature_cards.py"
+
+
+rule token_rewards:
+    input:
+        model=f"{RESULTS}/reward/{EXPLAIN_RM}",
+        base_model=MODEL_DIR,  # the model scores from text: its base model (a tuned one: its own layers 1..L)
+        pairs=f"{RESOURCES}/tables/{EXPLAIN_TABLE}.parquet",
+    output:
+        directory(f"{EXPLAIN}/token_rewards"),
+    params:
+        n_pairs=config["explain"]["token_rewards"]["n_pairs"],
+        top_features=config["explain"]["token_rewards"]["top_features"],
+        title=f"Token rewards of {EXPLAIN_RM}: {EXPLAIN_TABLE}",
+    threads: 2
+    resources:
+        mem_mb=mem_mb_for("token_rewards"),
+        runtime=runtime_for("token_rewards"),
+    log:
+        "logs/explain/token_rewards.log",
+    conda:
+        "../envs/sarm.yaml"
+    script:
+        "../scripts/token_rewards.py"
 
 
 rule preference_shift:

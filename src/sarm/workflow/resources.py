@@ -157,6 +157,12 @@ def estimate(
         flops = sequences * h * width * 2 * len(tables)
         if rule == "feature_stats":  # + the cards' corpus contexts: every sentence-final state of train, encoded
             flops += 2 * table_pairs(config, "train") * SENTENCES_PER_SEQUENCE * h * width * 2
+    elif rule == "token_rewards":  # a handful of responses scored from text on the CPU, the head read at every token
+        tokens = 2 * config["explain"]["token_rewards"]["n_pairs"] * model["max_length"]
+        weights = shape.loaded_b * 1e9 * weight_bytes(model, "cpu")
+        host = BASE_MB + _mb(1.25 * weights + tokens * (width + h) * 4 * 3)
+        gpu_mem = 0
+        flops = 2 * shape.loaded_b * 1e9 * tokens + tokens * h * width * 2
     else:
         raise ValueError(f"no resource model for rule {rule!r}")
     runtime = SETUP_MINUTES + 2 * _minutes(flops, gpu, threads)
