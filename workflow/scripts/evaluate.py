@@ -3,6 +3,7 @@ import json
 from sarm.activations import ActivationCache
 from sarm.data import read_pairs
 from sarm.evaluate import score_cached, score_text
+from sarm.length_bias import length_correlation
 from sarm.provenance import computed_with
 from sarm.reward_model import load
 from sarm.rewardbench import summarize
@@ -22,7 +23,8 @@ def main(snakemake):
         where = computed_with(model, device=snakemake.params.device)
     scores.to_parquet(snakemake.output.scores, index=False)
     with open(snakemake.output.summary, "w") as f:
-        json.dump({**summarize(scores, snakemake.wildcards.rm), "computed_with": where}, f, indent=2)
+        summary = {**summarize(scores, snakemake.wildcards.rm), "length_correlation": length_correlation(scores, pairs)}
+        json.dump({**summary, "computed_with": where}, f, indent=2)
 
 
 run_script(snakemake, main)
