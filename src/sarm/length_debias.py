@@ -82,7 +82,7 @@ def length_debias(spec: dict, differences) -> LengthDebias | None:
 
 def cached_differences(index) -> torch.Tensor:
     """l_c - l_r in tokens per pair of an ActivationCache index (rows of seq 2i / 2i+1: pair i's chosen / rejected)."""
-    tokens = torch.as_tensor(index.sort_values("seq")["n_tokens"].to_numpy(), dtype=torch.float32)
+    tokens = torch.tensor(index.sort_values("seq")["n_tokens"].to_numpy(), dtype=torch.float32)
     return tokens[0::2] - tokens[1::2]
 
 
