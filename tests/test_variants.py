@@ -47,9 +47,18 @@ def test_each_kind_answers_what_the_workflow_asks():
         "mode": "joint",
         "sae": "sequence",
         "topk": False,
+        "length_debias": None,
+        "length_weight": 1.0,
         "recon_weight": 0.5,
     }
-    assert specs["dense"].as_dict() == {"features": "hidden", "mode": "frozen", "sae": None, "topk": None}
+    assert specs["dense"].as_dict() == {
+        "features": "hidden",
+        "mode": "frozen",
+        "sae": None,
+        "topk": None,
+        "length_debias": None,
+        "length_weight": 1.0,
+    }
     # a rule's params give the same spec back; an older record's extra key (recon_weight on every mode) is dropped
     assert all(spec_from_dict(name, spec.as_dict()) == spec for name, spec in specs.items())
     older = {"features": "hidden", "mode": "finetune", "sae": None, "topk": None, "recon_weight": 1.0}
@@ -71,11 +80,13 @@ def test_each_kind_answers_what_the_workflow_asks():
         ({"mode": "joint", "recon_weight": -1}, r"^config key reward_models.x.recon_weight: -1 must be a number >= 0$"),
         (
             {"mode": "full_depth", "sae": "token"},
-            r"^config key reward_models.x: a full_depth model is a sequence classifier; give only mode$",
+            r"^config key reward_models.x: a full_depth model is a sequence classifier; give only mode \(and "
+            r"length_debias, length_weight\)$",
         ),
         (
             {"recon_weight": 1.0},
-            r"^config key reward_models.x: 'recon_weight' is not a key of mode frozen \(its keys: features, mode, sae, topk\)$",
+            r"^config key reward_models.x: 'recon_weight' is not a key of mode frozen \(its keys: features, "
+            r"length_debias, length_weight, mode, sae, topk\)$",
         ),
     ],
 )
@@ -135,6 +146,8 @@ def test_a_new_kind_is_one_class_and_its_registration():
             "mode": "frozen_n_epochs_example",
             "sae": "sequence",
             "topk": True,
+            "length_debias": None,
+            "length_weight": 1.0,
             "epochs": 2,
         }
         assert spec_from_dict("short", short.as_dict()) == short
@@ -143,7 +156,9 @@ def test_a_new_kind_is_one_class_and_its_registration():
         assert ("SARM head >= dense head on the same layer", "sarm", "dense") in comparisons(specs)
         assert not [c for c in comparisons(specs) if "short" in c]
         with pytest.raises(
-            SarmError, match=r"'lr' is not a key of mode frozen_n_epochs_example \(its keys: epochs, features, mode, sae, topk\)"
+            SarmError,
+            match=r"'lr' is not a key of mode frozen_n_epochs_example \(its keys: epochs, features, length_debias, "
+            r"length_weight, mode, sae, topk\)",
         ):
             spec_from_config("short", {"mode": "frozen_n_epochs_example", "lr": 1})
     finally:

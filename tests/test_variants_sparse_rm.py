@@ -142,7 +142,11 @@ def test_the_command_line_scores_it_as_the_package_does(fitted, trained, capsys)
         ({"mlp_hidden": -1}, r"^config key reward_models.x.mlp_hidden: -1 must be an integer >= 0$"),
         ({"margin": 0}, r"^config key reward_models.x.margin: 0 must be a number > 0$"),
         ({"ranking": "up"}, r"^config key reward_models.x.ranking: 'up' is not one of absolute, signed$"),
-        ({"lr": 1}, r"^config key reward_models.x: 'lr' is not a key of mode sparse_rm \(its keys: features, m, margin"),
+        (
+            {"lr": 1},
+            r"^config key reward_models.x: 'lr' is not a key of mode sparse_rm \(its keys: features, length_debias, "
+            r"length_weight, m, margin",
+        ),
     ],
 )
 def test_a_bad_entry_is_one_line_naming_the_key(given, message):

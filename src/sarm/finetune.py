@@ -38,7 +38,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from sarm import activations, checkpoints, models
 from sarm.cluster import training_memory_mb
 from sarm.errors import SarmError
-from sarm.reward import bt_loss
+from sarm.length_debias import length_debias
+from sarm.reward import bt_loss, bt_margin_loss
 from sarm.reward_model import (
     CLASSIFIER_FORMAT,
     CONFIG_FILE,
@@ -113,7 +114,19 @@ class PairCollator:
 # --- the trainable models ---
 
 
-class SarmForReward(nn.Module):
+class _PairReward(nn.Module):
+    """What the trained modules share: `length_debias`, the length term of their loss in training (set by
+    `with_length_debias`; none in evaluation, where the loss is the head's BT alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.length_debias = None
+
+    def _length_term(self):
+        return self.length_debias if self.training else None
+
+
+class SarmForReward(_PairReward):
     """Truncated LM (layers 1..L) -> standardise -> SAE latents (or the hidden state) -> head, no bias."""
 
     def __init__(self, backbone, head_size: int, sae=None, train_sae: bool = False, recon_weight: float = 0.0):
@@ -139,7 +152,7 @@ class SarmForReward(nn.Module):
                 features = self.sae.encode(x.to(dtype)).float()
                 recon = self._reconstruction(hidden, response_mask, dtype) if self.recon_weight else None
         rewards = self.head(features.to(_stored_dtype(self.head.weight))).squeeze(-1).float()
-        return _bt_outputs(rewards, recon, self.recon_weight)
+        return _bt_outputs(rewards, recon, self.recon_weight, self._length_term(), attention_mask)
 
     def _reconstruction(self, hidden: torch.Tensor, response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The public recipe's reconstruction loss (its `sarm_train_mode=3`): the SAE, TopK on, reconstructs the
@@ -159,7 +172,7 @@ class SarmForReward(nn.Module):
         return (per_sequence / response_mask.sum(-1).clamp_min(1)).mean()
 
 
-class ClassifierForReward(nn.Module):
+class ClassifierForReward(_PairReward):
     """A full-depth AutoModelForSequenceClassification whose score is read at the final real token."""
 
     def __init__(self, classifier):
@@ -170,7 +183,8 @@ class ClassifierForReward(nn.Module):
         self.classifier.activation_checkpointing_enable(**kwargs)
 
     def forward(self, input_ids, attention_mask, response_mask=None):
-        return _bt_outputs(classifier_rewards(self.classifier, input_ids, attention_mask), None, 0.0)
+        rewards = classifier_rewards(self.classifier, input_ids, attention_mask)
+        return _bt_outputs(rewards, None, 0.0, self._length_term(), attention_mask)
 
 
 def _stored_dtype(param: torch.Tensor) -> torch.dtype:
@@ -185,9 +199,15 @@ def _computing_in(dtype: torch.dtype, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
-def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float) -> dict:
+def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float, debias=None, attention_mask=None) -> dict:
+    """The batch's loss (rows 0..B-1 chosen, B..2B-1 rejected): BT, with `debias` its length-debiased form (the
+    lengths: the rows' token counts), plus recon_weight x the reconstruction loss."""
     half = len(rewards) // 2
-    loss = bt_loss(rewards[:half], rewards[half:])
+    if debias is None:
+        loss = bt_loss(rewards[:half], rewards[half:])
+    else:
+        lengths = attention_mask.sum(-1).float()
+        loss = debias(rewards[:half] - rewards[half:], lengths[:half] - lengths[half:], bt_margin_loss)
     if recon is not None:
         loss = loss + recon_weight * recon
     return {"loss": loss, "rewards": rewards.detach()}
@@ -196,8 +216,12 @@ def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float) -> dict:
 # --- training ---
 
 
+HEAD_PARAMETERS = ("head.", "classifier.score.", "length_debias.")  # trained at finetune.head_lr
+
+
 class _BTTrainer(Trainer):
-    """Trainer with a separate learning rate for the head (zero-initialised, it needs a larger one on short runs);
+    """Trainer with a separate learning rate for the head (zero-initialised, it needs a larger one on short runs;
+    the length term's beta, zero-initialised too, with it);
     `seen` keeps the table rows of the pairs this process trained on, in order."""
 
     head_lr: float | None = None
@@ -213,8 +237,8 @@ class _BTTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            head = [p for n, p in named if n.startswith("head.") or n.startswith("classifier.score.")]
-            rest = [p for n, p in named if not (n.startswith("head.") or n.startswith("classifier.score."))]
+            head = [p for n, p in named if n.startswith(HEAD_PARAMETERS)]
+            rest = [p for n, p in named if not n.startswith(HEAD_PARAMETERS)]
             groups = [{"params": rest, "lr": self.args.learning_rate}]
             groups.append({"params": head, "lr": self.head_lr or self.args.learning_rate})
             self.optimizer = torch.optim.AdamW(groups, weight_decay=self.args.weight_decay)
@@ -376,12 +400,12 @@ def finetune_reward_model(
     settings = {**settings, "zero3": zero3}
     train, dropped = _whole_batches(train, min(settings["per_device_batch_size"], settings["global_batch_size"]), world_size)
     tokenizer = models.load_tokenizer(model_dir, model_spec.get("chat_template"), model_spec.get("trust_remote_code", False))
-    torch.manual_seed(seed)
-    model = spec.build_trainable(model_dir, model_spec, sae, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = PairDataset(tokenizer, train, model_spec["max_length"])
     val_set = PairDataset(tokenizer, val, model_spec["max_length"])
+    torch.manual_seed(seed)
+    model = with_length_debias(spec.build_trainable(model_dir, model_spec, sae, tokenizer), spec, train_set)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = _backbone_config(model)
     estimate = estimate_memory_mb(
         n_params,
@@ -437,7 +461,7 @@ def finetune_reward_model(
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()  # else from_pretrained would build the model sharded again
-            model = spec.build_trainable(model_dir, model_spec, sae, tokenizer)
+            model = with_length_debias(spec.build_trainable(model_dir, model_spec, sae, tokenizer), spec, train_set)
             model.load_state_dict({k: v.float() for k, v in state.items()})
             trainer.model = model
     if trainer.is_world_process_zero():
@@ -462,6 +486,20 @@ def finetune_reward_model(
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out_dir, pd.DataFrame(history.rows)
+
+
+def with_length_debias(model: nn.Module, spec: RewardModelSpec, train_set: PairDataset) -> nn.Module:
+    """`model` with the length term its spec asks for (config key reward_models.<name>.length_debias), scaled to
+    the training pairs' token-count differences; it trains with the model and is not saved with it."""
+    differences = [len(chosen.input_ids) - len(rejected.input_ids) for chosen, rejected in train_set.items]
+    debias = length_debias(spec.as_dict(), differences)
+    if debias is not None and not isinstance(model, _PairReward):
+        raise SarmError(
+            f"config key reward_models.{spec.name}.length_debias: mode {spec.kind} trains a "
+            f"{type(model).__name__}, which has no length term"
+        )
+    model.length_debias = debias
+    return model
 
 
 def _whole_batches(train: pd.DataFrame, per_device: int, world_size: int) -> tuple[pd.DataFrame, int]:
@@ -558,6 +596,8 @@ def _save(model, spec, settings, model_dir, model_spec, tokenizer, out_dir: Path
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     training = {"mode": spec.kind, **settings, "seed": seed, **results}
+    if model.length_debias is not None:
+        training.update(model.length_debias.record())
     if isinstance(model, ClassifierForReward):
         saved_tokenizer = _export_pad(model.classifier, tokenizer)
         model.classifier.save_pretrained(tmp)

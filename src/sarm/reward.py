@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sarm import checkpoints
 from sarm.errors import SarmError
+from sarm.length_debias import LengthDebias, cached_differences, length_debias, planned
 from sarm.reward_model import RewardModel, SparseFeatures, model_config
 
 HEAD_STATE = "head_state.pt"
@@ -53,14 +54,24 @@ def fit_pairs(
     loss: Callable[[torch.Tensor], torch.Tensor] = bt_margin_loss,
     val_loss: Callable[[torch.Tensor], torch.Tensor] = bt_val_loss,
     what: str = "reward head training",
+    debias: LengthDebias | None = None,
+    differences: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """The pairwise training loop every head on cached states shares: AdamW on `parameters`, the reward of a batch
     of rows `score(rows)`, `loss` of the pairs' margins; rows 2i / 2i+1 of `train` / `val` are pair i's chosen /
     rejected. Returns the parameters of the epoch with the highest validation accuracy (the lower `val_loss`
     breaks ties), as copies, and one history row per epoch. With `checkpoint_root`, every epoch is checkpointed
-    there and a run that finds a checkpoint resumes after it, ending exactly as an uninterrupted run would."""
+    there and a run that finds a checkpoint resumes after it, ending exactly as an uninterrupted run would.
+    With `debias` (`sarm.length_debias`), the training loss is `debias(margin, differences[batch], loss)`,
+    `differences` the training pairs' length differences; its parameters train too and are left at the selected
+    epoch's values; validation is the head's alone."""
     chosen, rejected = _pairs(train)
     val_chosen, val_rejected = _pairs(val)
+    head = len(parameters)
+    if debias is not None:
+        if differences is None or len(differences) != len(chosen):
+            raise ValueError(f"{what}: a length-debiased loss needs one length difference per training pair")
+        parameters = [*parameters, *debias.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     snapshots, history, first = [], [], 1
@@ -79,7 +90,8 @@ def fit_pairs(
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch_loss = loss(score(chosen[idx]) - score(rejected[idx]))
+            margin = score(chosen[idx]) - score(rejected[idx])
+            batch_loss = loss(margin) if debias is None else debias(margin, differences[idx], loss)
             if not torch.isfinite(batch_loss):
                 raise SarmError(f"{what}: loss is {batch_loss.item()} at epoch {epoch}; lower reward.lr")
             optimizer.zero_grad()
@@ -96,6 +108,8 @@ def fit_pairs(
                 "val_loss": val_loss(val_margin).item(),
                 "val_accuracy": (val_margin > 0).float().mean().item(),
             }
+        if debias is not None and debias.beta is not None:
+            row["length_beta"] = debias.beta.item()
         history.append(row)
         if log:
             log(row)
@@ -103,7 +117,11 @@ def fit_pairs(
         if checkpoint_root is not None:
             _save_state(Path(checkpoint_root) / str(epoch), parameters, optimizer, generator, snapshots, history)
     history = pd.DataFrame(history)
-    return snapshots[selected_epoch(history) - 1], history
+    best = snapshots[selected_epoch(history) - 1]
+    with torch.no_grad():
+        for parameter, value in zip(parameters[head:], best[head:], strict=True):
+            parameter.copy_(value)  # the length term's parameters as at the selected epoch (their record)
+    return best[:head], history
 
 
 def train_head(
@@ -116,13 +134,28 @@ def train_head(
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
     checkpoint_root: str | Path | None = None,
+    debias: LengthDebias | None = None,
+    differences: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
-    """Fit w (zero-initialised, no bias) with BT loss on paired feature rows (`fit_pairs`). Returns the weights
-    and one history row per epoch. Features are dense [n, d] tensors or `SparseFeatures` (TopK latents as
-    indices + values: the same result up to float rounding, in k / d of the memory)."""
+    """Fit w (zero-initialised, no bias) with BT loss on paired feature rows (`fit_pairs`; `debias`,
+    `differences`: its length-debiased loss). Returns the weights and one history row per epoch. Features are
+    dense [n, d] tensors or `SparseFeatures` (TopK latents as indices + values: the same result up to float
+    rounding, in k / d of the memory)."""
     weight = torch.zeros(train.shape[1], requires_grad=True)
     (best,), history = fit_pairs(
-        [weight], lambda rows: rows @ weight, train, val, epochs, lr, batch_size, weight_decay, seed, log, checkpoint_root
+        [weight],
+        lambda rows: rows @ weight,
+        train,
+        val,
+        epochs,
+        lr,
+        batch_size,
+        weight_decay,
+        seed,
+        log,
+        checkpoint_root,
+        debias=debias,
+        differences=differences,
     )
     return best, history
 
@@ -168,9 +201,9 @@ def fit_reward_model(
     checkpoint_root: str | Path | None = None,
 ) -> tuple[RewardModel, pd.DataFrame]:
     """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
-    `spec` is the config's reward-model entry (features, sae, topk). With `checkpoint_root`, a run cut short
-    resumes from its last epoch."""
-    training = {"mode": "frozen", "cached": True, **settings, "seed": seed}
+    `spec` is the config's reward-model entry (features, sae, topk, length_debias). With `checkpoint_root`, a run
+    cut short resumes from its last epoch."""
+    training = {"mode": "frozen", "cached": True, **settings, "seed": seed, **planned(spec)}
     config = model_config(
         spec,
         {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
@@ -183,6 +216,8 @@ def fit_reward_model(
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
         checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
+    differences = cached_differences(train.index) if spec.get("length_debias") else None
+    debias = length_debias(spec, differences)
     weight, history = train_head(
         shell.features(train.final(), sparse=True),
         shell.features(val.final(), sparse=True),
@@ -193,8 +228,12 @@ def fit_reward_model(
         seed,
         log,
         checkpoint_root,
+        debias,
+        differences,
     )
     best = history.loc[selected_epoch(history) - 1]
     config["training"]["selected_epoch"] = int(best["epoch"])
     config["training"]["val_accuracy"] = float(best["val_accuracy"])
+    if debias is not None:
+        config["training"].update(debias.record())
     return RewardModel(config, weight, sae), history

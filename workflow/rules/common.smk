@@ -83,6 +83,7 @@ def get_final_output():
         f"{RESULTS}/provenance.json",
         *paper_table_outputs(),  # workflow/rules/tables.smk
         *bon_outputs(),
+        *length_bias_outputs(),
         *explain_outputs(),
         *ablation_outputs(),
     ]
@@ -118,6 +119,23 @@ def bon_outputs():
         *expand(f"{RESULTS}/tables/bon_{{name}}.{{ext}}", name=["winrate", "curve"], ext=["md", "csv"]),
         f"{RESULTS}/figures/bon_curve.png",
     ]
+
+
+def length_bias_outputs():
+    """The length-bias table, when there are eval tables."""
+    return expand(f"{RESULTS}/tables/length_bias.{{ext}}", ext=["md", "csv"]) if EVAL_TABLES else []
+
+
+def length_bias_inputs(wildcards):
+    """Every model's eval summaries, and the best-of-N win rates (their picks' mean length) when best-of-N runs."""
+    files = {
+        "summaries": expand(
+            f"{RESULTS}/eval/{{model}}/{{table}}/summary.json", model=[*REWARD_MODELS, *BASELINES], table=EVAL_TABLES
+        )
+    }
+    if bon_outputs():
+        files["bon"] = f"{RESULTS}/tables/bon_winrate.csv"
+    return files
 
 
 def bon_file(wildcards):

@@ -77,3 +77,23 @@ rule paper_tables:
         "../envs/sarm.yaml"
     script:
         "../scripts/paper_tables.py"
+
+
+# How much each reward tracks response length (training option reward_models.<name>.length_debias): the eval
+# summaries' correlations beside accuracy, and best-of-N's mean pick length where best-of-N ran.
+
+
+rule length_bias:
+    input:
+        unpack(length_bias_inputs),
+    output:
+        expand(f"{RESULTS}/tables/length_bias.{{ext}}", ext=["md", "csv"]),
+    params:
+        models=[*REWARD_MODELS, *BASELINES],
+        tables=EVAL_TABLES,
+    log:
+        "logs/length_bias.log",
+    conda:
+        "../envs/sarm.yaml"
+    script:
+        "../scripts/length_bias.py"

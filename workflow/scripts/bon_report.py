@@ -19,7 +19,7 @@ def main(snakemake):
         table,
         Path(out.winrate[0]).with_suffix(""),
         f"Best-of-{n} win rate (%) vs the reference on {prompts} prompts; published rows are best-of-16 on 805",
-        note,
+        f"mean_length: the picks' mean length in characters (oracle: the judge's preferred candidate). {note}",
     )
     curve = win_rate_curve(scores, p.models, p.draws, p.seed)
     write_table(

@@ -4,6 +4,7 @@ from sarm.activations import ActivationCache
 from sarm.data import read_pairs
 from sarm.evaluate import score_cached, score_text
 from sarm.intervals import interval_summary
+from sarm.length_bias import length_correlation
 from sarm.provenance import computed_with
 from sarm.reward_model import load
 from sarm.rewardbench import summarize
@@ -22,7 +23,12 @@ def main(snakemake):
         scores = score_text(model, pairs, snakemake.params.batch_size)
         where = computed_with(model, device=snakemake.params.device)
     scores.to_parquet(snakemake.output.scores, index=False)
-    summary = {**summarize(scores, snakemake.wildcards.rm), "interval": interval_summary(scores), "computed_with": where}
+    summary = {
+        **summarize(scores, snakemake.wildcards.rm),
+        "interval": interval_summary(scores),
+        "length_correlation": length_correlation(scores, pairs),
+        "computed_with": where,
+    }
     with open(snakemake.output.summary, "w") as f:
         json.dump(summary, f, indent=2)
 

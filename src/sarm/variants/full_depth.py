@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sarm.errors import SarmError
-from sarm.variants.spec import register
+from sarm.variants.spec import TRAINING_KEYS, check_length_debias, register
 from sarm.variants.tuned import EndToEnd
 
 
@@ -20,8 +20,11 @@ class FullDepth(EndToEnd):
 
     @classmethod
     def check(cls, key: str, given: dict) -> None:
-        if given:
-            raise SarmError(f"{key}: a full_depth model is a sequence classifier; give only mode")
+        if set(given) - set(TRAINING_KEYS):
+            raise SarmError(
+                f"{key}: a full_depth model is a sequence classifier; give only mode (and {', '.join(TRAINING_KEYS)})"
+            )
+        check_length_debias(key, given)
 
     def _parameters(self, config: dict, shape) -> tuple[float, float]:
         return shape.params_b * 1e9, 0

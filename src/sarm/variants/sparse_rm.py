@@ -36,7 +36,8 @@ were reachable here; its method section and code, github.com/ldc111521/SparseRM,
 - m = 128 as in the paper; m must not exceed the SAE's width (checked when training, where the width is known).
 - Training recipe: config key `reward` (epochs, lr, batch_size, weight_decay; AdamW) and the config's seed, in
   the frozen head's loop (`sarm.reward.fit_pairs`): the epoch with the best validation accuracy is kept (lower
-  validation loss breaks ties), and a killed job resumes from its last epoch.
+  validation loss breaks ties), and a killed job resumes from its last epoch. `length_debias` wraps the hinge
+  loss as it wraps the frozen head's BT loss (`sarm.length_debias`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 
 from sarm.errors import SarmError
 from sarm.variants.frozen import FrozenHead
-from sarm.variants.spec import Cost, register
+from sarm.variants.spec import Cost, check_length_debias, register
 
 RANKINGS = ("absolute", "signed")
 SELECTION_BATCH = 1024  # rows encoded at once when ranking (even: a chunk never splits a pair)
@@ -75,6 +76,7 @@ class SparseRM(FrozenHead):
             raise SarmError(f"{key}.margin: {margin!r} must be a number > 0")
         if given.get("ranking", "absolute") not in RANKINGS:
             raise SarmError(f"{key}.ranking: {given['ranking']!r} is not one of {', '.join(RANKINGS)}")
+        check_length_debias(key, given)
 
     # --- cost: the frozen head's, with the MLP over m projections in place of the linear head over latents ---
     def _mlp_flops(self) -> float:
@@ -108,6 +110,7 @@ class SparseRM(FrozenHead):
         import torch
 
         from sarm import checkpoints
+        from sarm.length_debias import cached_differences, length_debias, planned
         from sarm.reward import checkpoint_fingerprint, selected_epoch
         from sarm.reward_model import ProjectionRewardModel, model_config, set_topk
 
@@ -127,7 +130,7 @@ class SparseRM(FrozenHead):
             "proj_mean": projections.mean(0),
             "proj_std": projections.std(0).nan_to_num(1.0).clamp_min(1e-6),  # std of one row is nan
         }
-        training = {"mode": self.kind, "cached": True, **settings, "seed": seed}
+        training = {"mode": self.kind, "cached": True, **settings, "seed": seed, **planned(self.as_dict())}
         config = model_config(
             self.as_dict(),
             {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
@@ -151,12 +154,25 @@ class SparseRM(FrozenHead):
             model = ProjectionRewardModel(config, {**tensors, **initial_mlp(self.m, self.mlp_hidden)})
         if checkpoint_root is not None:
             checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
+        differences = cached_differences(train.index) if self.length_debias else None
+        debias = length_debias(self.as_dict(), differences)
         history = train_mlp(
-            model, projections, val.final().float() @ directions.T, settings, self.margin, seed, log, checkpoint_root
+            model,
+            projections,
+            val.final().float() @ directions.T,
+            settings,
+            self.margin,
+            seed,
+            log,
+            checkpoint_root,
+            debias,
+            differences,
         )
         best = history.loc[selected_epoch(history) - 1]
         config["training"]["selected_epoch"] = int(best["epoch"])
         config["training"]["val_accuracy"] = float(best["val_accuracy"])
+        if debias is not None:
+            config["training"].update(debias.record())
         return model, history
 
 
@@ -201,10 +217,22 @@ def select_latents(sae, hidden, m: int, ranking: str = "absolute"):
     return latents, differences[latents]
 
 
-def train_mlp(model, train, val, settings: dict, margin: float, seed: int = 0, log=None, checkpoint_root=None):
+def train_mlp(
+    model,
+    train,
+    val,
+    settings: dict,
+    margin: float,
+    seed: int = 0,
+    log=None,
+    checkpoint_root=None,
+    debias=None,
+    differences=None,
+):
     """Train `model`'s MLP (a ProjectionRewardModel) on paired projection rows (`train`, `val`: [2n, m], rows
     2i / 2i+1 chosen / rejected) with the margin loss, in `sarm.reward.fit_pairs` (AdamW, the epoch with the best
-    validation accuracy kept, checkpoints); leave it at that epoch. Returns one history row per epoch."""
+    validation accuracy kept, checkpoints; `debias`, `differences`: its length-debiased loss); leave it at that
+    epoch. Returns one history row per epoch."""
     import torch
 
     from sarm.reward import fit_pairs
@@ -229,6 +257,8 @@ def train_mlp(model, train, val, settings: dict, margin: float, seed: int = 0, l
         loss=hinge,
         val_loss=hinge,
         what="SparseRM training",
+        debias=debias,
+        differences=differences,
     )
     with torch.no_grad():
         for parameter, value in zip(parameters, best, strict=True):

@@ -20,6 +20,8 @@ FEATURE_KINDS = ("sae", "hidden")
 SAE_KINDS = ("sequence", "token", "random")
 DEFAULT_REWARD_MODELS = {"sarm": {"features": "sae"}, "dense": {"features": "hidden"}}
 DEFAULT_KIND = "frozen"
+LENGTH_DEBIAS = ("poe", "decorrelate")  # config key reward_models.<name>.length_debias (sarm.length_debias)
+TRAINING_KEYS = ("length_debias", "length_weight")  # keys of every kind: options of its training objective
 
 _KINDS: dict[str, type[RewardModelSpec]] = {}
 
@@ -60,6 +62,8 @@ class RewardModelSpec:
     features: str = "sae"  # the head reads SAE latents or the standardised hidden state
     sae: str | None = "sequence"  # which SAE: sequence-level, token-level, random-init (None: no SAE)
     topk: bool | None = True  # TopK on (as trained) or off (every latent's signed pre-activation)
+    length_debias: str | None = None  # None: plain BT; "poe" / "decorrelate": see sarm.length_debias
+    length_weight: float = 1.0  # lambda of "decorrelate"
 
     kind: ClassVar[str] = ""
     trains_on_cache: ClassVar[bool] = True  # fitted on cached states of the base model, else end to end on token ids
@@ -91,6 +95,7 @@ class RewardModelSpec:
         """What the schema cannot say about this kind's keys; raise SarmError naming `key`."""
         if given.get("features", "sae") == "hidden" and ("sae" in given or "topk" in given):
             raise SarmError(f"{key}: sae and topk apply to features: sae only (this head reads the hidden state)")
+        check_length_debias(key, given)
 
     def as_dict(self) -> dict:
         """The spec as the config gives it, every default filled in: the rules' params, what training records."""
@@ -139,6 +144,18 @@ class RewardModelSpec:
     def build_trainable(self, model_dir, model_spec: dict, sae, tokenizer):
         """A kind trained end to end: the torch module `sarm.finetune` trains."""
         raise SarmError(f"reward model {self.name}: mode {self.kind} is not trained end to end")
+
+
+def check_length_debias(key: str, given: dict) -> None:
+    """The keys every kind takes for a length-debiased objective (`TRAINING_KEYS`); raise SarmError naming one."""
+    method = given.get("length_debias")
+    if method is not None and method not in LENGTH_DEBIAS:
+        raise SarmError(f"{key}.length_debias: {method!r} is not one of null, {', '.join(LENGTH_DEBIAS)}")
+    weight = given.get("length_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise SarmError(f"{key}.length_weight: {weight!r} must be a number >= 0")
+    if "length_weight" in given and method != "decorrelate":
+        raise SarmError(f"{key}.length_weight: it weighs length_debias: decorrelate only (here {method!r})")
 
 
 def spec_from_config(name: str, given: dict) -> RewardModelSpec:
