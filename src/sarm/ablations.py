@@ -67,6 +67,8 @@ def comparisons(specs: dict[str, RewardModelSpec]) -> list[tuple[str, str, str]]
                     continue
                 if not (spec_a.linear_head and spec_b.linear_head):  # the claims are about linear (BT) heads
                     continue
+                if spec_a.length_debias != spec_b.length_debias:  # trained with the same loss
+                    continue
                 if not about_mode and spec_a.kind != spec_b.kind:
                     continue
                 if about_mode and spec_a.feature_head and spec_b.feature_head and not _same_head(spec_a, spec_b):
