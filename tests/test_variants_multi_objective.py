@@ -314,7 +314,7 @@ def test_the_workflow_trains_evaluates_and_best_of_n_scores_it_but_never_explain
     from test_workflow import snakemake, tiny_config
 
     config = tiny_config(tiny_model_dir, shared_data)
-    objectives = {"helpful": ["hh-helpful"], "harmless": ["hh-harmless"]}  # the tiny config's categories: the data sets'
+    objectives = {"helpful": ["helpful"], "harmless": ["harmless"]}  # the hh_rlhf format's categories
     config["reward_models"] = {"sarm": {}, "mo": {"mode": "multi_objective", "objectives": objectives, "gate_temperature": 0.5}}
     result = snakemake(tmp_path / "all", config, "-n")
     assert result.returncode == 0, result.stderr[-3000:]
