@@ -325,3 +325,18 @@ def test_the_workflow_trains_evaluates_and_best_of_n_scores_it_but_never_explain
     assert "results/reward/mo" in bon
     assert {rule for rule, _, inputs in jobs if "results/reward/mo" in inputs} == {"evaluate", "bon_scores"}
     assert "explain/mo" not in result.stdout and "shift/mo" not in result.stdout
+
+
+def test_a_damaged_folder_is_one_line_naming_what_is_wrong(fitted, tmp_path):
+    import shutil
+
+    _, _, folder = fitted
+    copy = tmp_path / "mo"
+    shutil.copytree(folder, copy)
+    tensors = load_file(copy / "head.safetensors")
+    save_file({**tensors, "gate.bias": torch.zeros(3)}, copy / "head.safetensors")
+    with pytest.raises(SarmError, match=r"^multi-objective reward model: gate.bias has shape \(3,\), not \(2,\) \(2 objectives"):
+        load(copy)
+    save_file({k: v for k, v in tensors.items() if k != "heads"}, copy / "head.safetensors")
+    with pytest.raises(SarmError, match=r"head.safetensors: corrupt or truncated \(KeyError: .*'heads'"):
+        load(copy)

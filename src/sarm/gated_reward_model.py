@@ -54,30 +54,26 @@ class GatedRewardModel(RewardModel):
     linear_head = False
 
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor], sae=None, trust_remote_code: bool = False):
-        names = self.objective_names_of(config)
-        heads = tensors["heads"].float()
-        width = sae.cfg.d_sae if config["features"] == "sae" else config["hidden_size"]
         if config["features"] == "sae" and sae is None:
             raise SarmError("a multi-objective reward model over SAE latents needs its SAE")
+        names = list(config["multi_objective"]["objectives"])
+        width = sae.cfg.d_sae if config["features"] == "sae" else config["hidden_size"]
         for name, shape in (("heads", (len(names), width)), ("gate.weight", (len(names), width)), ("gate.bias", (len(names),))):
             if tuple(tensors[name].shape) != shape:
                 raise SarmError(
                     f"multi-objective reward model: {name} has shape {tuple(tensors[name].shape)}, not {shape} "
                     f"({len(names)} objectives over {width} features); re-run the rule that trained it"
                 )
-        self.config, self.sae, self.heads = config, sae, heads
+        self.config, self.sae, self.heads = config, sae, tensors["heads"].float()
         self.gate_weight, self.gate_bias = tensors["gate.weight"].float(), tensors["gate.bias"].float()
         if sae is not None:
             set_topk(sae, config.get("topk", True))
         self._init_text_path(trust_remote_code)
 
-    @staticmethod
-    def objective_names_of(config: dict) -> list[str]:
-        return list(config["multi_objective"]["objectives"])
-
     @property
     def objectives(self) -> list[str]:
-        return self.objective_names_of(self.config)
+        """The objectives' names, in the order of the heads and the gate's outputs."""
+        return list(self.config["multi_objective"]["objectives"])
 
     @property
     def temperature(self) -> float:
