@@ -62,10 +62,11 @@ def test_length_sorted_batches_cover_every_index_once():
 def test_padding_does_not_change_a_sequence(tokenizer, tiny):
     a = A.encode(tokenizer, [{"role": "user", "content": "A short one."}], "Yes.", 512)
     b = A.encode(tokenizer, [{"role": "user", "content": "A much longer question, with more words in it?"}], "No, sorry.", 512)
-    together, sents = A.forward_batch(tiny, [a, b], tokenizer.pad_token_id, "cpu", True)
-    alone, alone_sents = A.forward_batch(tiny, [a], tokenizer.pad_token_id, "cpu", True)
+    together, sents, prompts = A.forward_batch(tiny, [a, b], tokenizer.pad_token_id, "cpu", True)
+    alone, alone_sents, alone_prompts = A.forward_batch(tiny, [a], tokenizer.pad_token_id, "cpu", True)
     torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(sents[0], alone_sents[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prompts[0], alone_prompts[0], atol=1e-5, rtol=0)
     assert sents[1].shape == (len(b.sentence_ends), 64)
 
 
@@ -73,12 +74,15 @@ def test_cache_round_trip_matches_direct_forward(tokenizer, tiny, hh_pairs, tmp_
     info = A.cache_activations(tiny, tokenizer, hh_pairs, tmp_path / "c", max_length=128, batch_size=5, shard_size=7)
     cache = A.ActivationCache(tmp_path / "c")
     assert info["n_shards"] == len(cache.shards) > 1 and info["n_sequences"] == 2 * len(hh_pairs)
-    final = cache.final()
+    assert info["cache_format"] == A.CACHE_FORMAT
+    final, prompt = cache.final(), cache.prompt_final()
     seqs = A.pair_sequences(hh_pairs)
+    assert list(seqs.category) == [c for c in hh_pairs.category for _ in range(2)]  # each pair's category, on both rows
     for row in (0, 5, len(seqs) - 1):  # chosen of pair 0, rejected of pair 2, the last rejected
         e = A.encode(tokenizer, seqs.prompt[row], seqs.response[row], 128)
-        direct, _ = A.forward_batch(tiny, [e], tokenizer.pad_token_id, "cpu", False)
+        direct, _, direct_prompt = A.forward_batch(tiny, [e], tokenizer.pad_token_id, "cpu", False)
         torch.testing.assert_close(final[row], direct[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(prompt[row], direct_prompt[0], atol=1e-5, rtol=0)
     n_sent = sum(len(s) for s in cache.sentence_shards())
     assert n_sent == info["n_sentence_vectors"] == cache.index["n_sentences"].sum() > 0
     assert list(cache.index.loc[cache.index.side == "chosen", "id"]) == list(hh_pairs.id)
@@ -94,24 +98,31 @@ def _cache_states(folder):
         part = cache.load_shard(shard)
         for seq in part["sent_seq"].unique().tolist():
             sentences[seq] = part["sent"][part["sent_seq"] == seq].float()
-    return cache.final(), sentences
+    return cache.final(), sentences, cache.prompt_final()
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_prompts_give_each_sequence_its_own_states(tiny_model_dir, tokenizer, hh_pairs, tmp_path, attention):
     """Real HH pairs: the chosen and rejected responses share a multi-turn prompt. Packed, it runs once; every
-    final-token and sentence-final state is the one a forward of that sequence alone gives."""
+    final-token, sentence-final and prompt state is the one a forward of that sequence alone gives (a pair's
+    two prompt states are one column of the shared prefix: the same bits)."""
     model = models.load_truncated(tiny_model_dir, 2, torch.float32)
     model.config._attn_implementation = attention
     info = A.cache_activations(model, tokenizer, hh_pairs, tmp_path / "c", max_length=128, batch_size=4, shard_size=7)
     assert info["shared_prompts_packed"] and info["n_tokens_forwarded"] < 0.9 * info["n_tokens"]
-    final, sentences = _cache_states(tmp_path / "c")
+    final, sentences, prompt = _cache_states(tmp_path / "c")
     seqs = A.pair_sequences(hh_pairs)
-    for row in range(len(seqs)):
-        e = A.encode(tokenizer, seqs.prompt[row], seqs.response[row], 128)
-        alone, (alone_sentences,) = A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", True)
+    encoded = [A.encode(tokenizer, seqs.prompt[row], seqs.response[row], 128) for row in range(len(seqs))]
+    for row, e in enumerate(encoded):
+        alone, (alone_sentences,), alone_prompt = A.forward_batch(model, [e], tokenizer.pad_token_id, "cpu", True)
         torch.testing.assert_close(final[row], alone[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(sentences[row], alone_sentences.half().float(), atol=2e-3, rtol=0)  # stored as fp16
+        torch.testing.assert_close(prompt[row], alone_prompt[0], atol=1e-4, rtol=0)
+    # a pair whose prompt survives the cut in both sequences reads it at one column of the shared prefix
+    whole = [i for i in range(len(hh_pairs)) if not (encoded[2 * i].truncated or encoded[2 * i + 1].truncated)]
+    assert whole and all(encoded[2 * i].response_start > 0 for i in whole)
+    for i in whole:
+        assert torch.equal(prompt[2 * i], prompt[2 * i + 1]) and not torch.equal(prompt[2 * i], final[2 * i])
 
 
 def test_packed_rows_share_the_common_prefix_and_respect_the_row_budget():
@@ -146,7 +157,7 @@ def test_a_model_that_ignores_positions_is_not_packed(tiny_model_dir, tokenizer,
     info = A.cache_activations(model, tokenizer, hh_pairs.head(4), tmp_path / "c", max_length=128, batch_size=4)
     assert not info["shared_prompts_packed"] and info["n_tokens_forwarded"] == info["n_tokens"]
     assert "are not packed" in caplog.text
-    final, _ = _cache_states(tmp_path / "c")
+    final, _, _ = _cache_states(tmp_path / "c")
     seqs = A.pair_sequences(hh_pairs.head(4))
     e = A.encode(tokenizer, seqs.prompt[1], seqs.response[1], 128)
     torch.testing.assert_close(

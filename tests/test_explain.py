@@ -137,7 +137,7 @@ def test_sentence_ordinals_recover_the_cached_vectors(tiny):
     cached = tensors["sent"][tensors["sent_seq"] == s].float()
     row = seqs.iloc[s]
     enc = A.encode(tokenizer, list(row.prompt), row.response, 96)
-    _, (fresh,) = A.forward_batch(tiny["backbone"], [enc], tokenizer.pad_token_id, "cpu", True)
+    _, (fresh,), _ = A.forward_batch(tiny["backbone"], [enc], tokenizer.pad_token_id, "cpu", True)
     assert len(cached) == len(enc.sentence_ends) > 1
     torch.testing.assert_close(fresh, cached, atol=2e-2, rtol=1e-2)  # cached as float16
     for ordinal in range(len(cached)):

@@ -471,9 +471,9 @@ def test_score_cached_passes_the_grouping_through(rb2_pairs):
         def final(self):
             return torch.zeros(2 * len(table), 1)
 
-    class Model:
-        def score_hidden(self, hidden):
-            return torch.arange(len(hidden), dtype=torch.float32)
+    class Model:  # what score_cached asks of a reward model
+        def score_cache(self, cache):
+            return torch.arange(len(cache.final()), dtype=torch.float32), {}
 
     got = score_cached(Model(), Cache(), table)
     assert list(got.columns) == ["id", "subset", "category", "score_chosen", "score_rejected", *OPTIONAL_COLUMNS]

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sarm.errors import SarmError
-from sarm.provenance import CACHE_META_FILE
+from sarm.provenance import CACHE_FORMAT, CACHE_META_FILE
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,12 @@ def standardize(hidden: torch.Tensor, eps: float = STANDARDIZE_EPS) -> torch.Ten
     return (hidden - hidden.mean(-1, keepdim=True)) / (hidden.std(-1, keepdim=True) + eps)
 
 
+def prompt_position(encoded: Encoded) -> int:
+    """Where a sequence's prompt state is read: the last token before the response's content (the end of the
+    assistant header), or the final token when the response was not located (`response_start` 0)."""
+    return encoded.response_start - 1 if encoded.response_start > 0 else len(encoded.input_ids) - 1
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches of indices of similar length (longest first, so an out-of-memory shows at once)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -341,21 +347,22 @@ def pad_right(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def forward_batch(model, batch: list[Encoded], pad_id: int, device: str, with_sentences: bool, standardized: bool = True):
-    """Run one right-padded batch; return standardised final-token vectors [B, d] and, per sequence,
-    its standardised sentence-final vectors [m_i, d]. `standardized=False`: the raw states, in float32 (what a
-    public SAE reads; sae-lens normalises them itself)."""
+    """Run one right-padded batch; return standardised final-token vectors [B, d], per sequence its standardised
+    sentence-final vectors [m_i, d], and the standardised prompt states [B, d] (at `prompt_position`).
+    `standardized=False`: the raw states, in float32 (what a public SAE reads; sae-lens normalises them itself)."""
     states = standardize if standardized else (lambda h: h.float())
     lengths = [len(e.input_ids) for e in batch]
     ids, mask = pad_right([e.input_ids for e in batch], pad_id)
     hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     rows = torch.arange(len(batch), device=hidden.device)
     final = states(hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]).cpu()
+    prompt = states(hidden[rows, torch.tensor([prompt_position(e) for e in batch], device=hidden.device)]).cpu()
     sentences = []
     if with_sentences:
         for row, e in enumerate(batch):
             pos = torch.from_numpy(e.sentence_ends).to(hidden.device)
             sentences.append(states(hidden[row, pos]).cpu())
-    return final, sentences
+    return final, sentences, prompt
 
 
 # --- shared prompts, computed once -----------------------------------------------------------------------
@@ -434,7 +441,8 @@ def forward_packed(
     with_sentences: bool,
     standardized: bool = True,
 ):
-    """`forward_batch` over packed rows: (members in row order, final vectors [n, d], sentence vectors per member)."""
+    """`forward_batch` over packed rows: (members in row order, final vectors [n, d], sentence vectors per member,
+    prompt states [n, d]; a prompt state inside the shared prefix is read at the prefix's column)."""
     states = standardize if standardized else (lambda h: h.float())
     width = max(row_length(row, encoded) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -473,12 +481,14 @@ def forward_packed(
     members = [i for row in rows for i in row.members]
     rows_of = torch.tensor([where[i][0] for i in members], device=hidden.device)
     final = states(hidden[rows_of, torch.tensor([last[i] for i in members], device=hidden.device)]).cpu()
+    prompt_cols = [int(column(i, np.asarray(prompt_position(encoded[i])))) for i in members]
+    prompt = states(hidden[rows_of, torch.tensor(prompt_cols, device=hidden.device)]).cpu()
     sentences = []
     if with_sentences:
         for i in members:
             cols = torch.from_numpy(column(i, encoded[i].sentence_ends).astype(np.int64)).to(hidden.device)
             sentences.append(states(hidden[where[i][0], cols]).cpu())
-    return members, final, sentences
+    return members, final, sentences, prompt
 
 
 def packing_agrees(
@@ -487,19 +497,21 @@ def packing_agrees(
     """Whether this float32 model gives packed rows the states it gives the sequences alone, at every final token,
     to 1e-3 (SmolLM2-135M: 3e-6; with its positions ignored, 0.6): a forward that ignores `position_ids` or a
     custom 4D mask fails."""
-    members, packed, _ = forward_packed(model, rows, encoded, pad_id, device, False, standardized)
-    plain, _ = forward_batch(model, [encoded[i] for i in members], pad_id, device, False, standardized)
+    members, packed, _, _ = forward_packed(model, rows, encoded, pad_id, device, False, standardized)
+    plain, _, _ = forward_batch(model, [encoded[i] for i in members], pad_id, device, False, standardized)
     return bool((packed - plain).abs().max() <= 1e-3)
 
 
 def pair_sequences(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Two sequences per pair: sequence 2i is pair i's chosen response, 2i+1 its rejected one."""
+    """Two sequences per pair: sequence 2i is pair i's chosen response, 2i+1 its rejected one (with the pair's
+    `category`, when the table has one: what a multi-objective head groups its training pairs by)."""
     rows = []
     for i, pair in enumerate(pairs.itertuples(index=False)):
-        rows.append({"seq": 2 * i, "pair": i, "id": pair.id, "side": "chosen", "prompt": pair.prompt, "response": pair.chosen})
-        rows.append(
-            {"seq": 2 * i + 1, "pair": i, "id": pair.id, "side": "rejected", "prompt": pair.prompt, "response": pair.rejected}
-        )
+        label = {"category": pair.category} if "category" in pairs.columns else {}
+        for seq, side, response in ((2 * i, "chosen", pair.chosen), (2 * i + 1, "rejected", pair.rejected)):
+            rows.append(
+                {"seq": seq, "pair": i, "id": pair.id, "side": side, **label, "prompt": pair.prompt, "response": response}
+            )
     return pd.DataFrame(rows)
 
 
@@ -513,11 +525,12 @@ class ShardWriter:
         self._clear()
 
     def _clear(self):
-        self.seq, self.final, self.sent, self.sent_seq = [], [], [], []
+        self.seq, self.final, self.prompt, self.sent, self.sent_seq = [], [], [], [], []
 
-    def add(self, seq: list[int], final: torch.Tensor, sentences: list[torch.Tensor]):
+    def add(self, seq: list[int], final: torch.Tensor, sentences: list[torch.Tensor], prompt: torch.Tensor):
         self.seq.extend(seq)
         self.final.append(final)
+        self.prompt.append(prompt)
         for s, vectors in zip(seq, sentences):
             self.sent.append(vectors.half())
             self.sent_seq.append(torch.full((len(vectors),), s, dtype=torch.long))
@@ -527,7 +540,11 @@ class ShardWriter:
     def flush(self):
         if not self.seq:
             return
-        tensors = {"seq": torch.tensor(self.seq, dtype=torch.long), "final": torch.cat(self.final)}
+        tensors = {
+            "seq": torch.tensor(self.seq, dtype=torch.long),
+            "final": torch.cat(self.final),
+            "prompt": torch.cat(self.prompt),
+        }
         if self.sent:
             tensors["sent"] = torch.cat(self.sent)
             tensors["sent_seq"] = torch.cat(self.sent_seq)
@@ -638,7 +655,7 @@ def cache_sequences(
 
     batches = packed_batches(rows, encoded, batch_size)
     with cpu_workers(device) as pool:
-        for members, final, sentences in tqdm(
+        for members, final, sentences, prompt in tqdm(
             pool.map(run, batches), total=len(batches), desc=f"layers 1..L -> {out_dir.name}", mininterval=5
         ):
             bad = [i for i, row in zip(members, final) if not torch.isfinite(row).all()]
@@ -647,7 +664,7 @@ def cache_sequences(
                     f"{out_dir}: the model gave non-finite hidden states for {len(bad)} sequence(s) (e.g. "
                     f"sequence {bad[0]}); a float16 overflow? try config key model.dtype: float32"
                 )
-            writer.add(members, final, sentences)
+            writer.add(members, final, sentences, prompt)
     writer.flush()
     seconds = time.perf_counter() - start
     sequences.to_parquet(out_dir / INDEX_FILE, index=False)
@@ -656,6 +673,7 @@ def cache_sequences(
         log.warning("%d of %d sequences were longer than max_length=%d and lost their start", n_trunc, len(sequences), max_length)
     info = {
         **(meta or {}),
+        "cache_format": CACHE_FORMAT,
         "hidden_size": model.config.hidden_size,
         **(counts or {}),
         "n_sequences": len(sequences),
@@ -781,7 +799,7 @@ class ActivationCache:
             raise SarmError(
                 f"{shard}: corrupt or truncated safetensors ({err}); delete {self.folder} and re-run the rule that cached it"
             ) from None
-        for name in ("final", "sent"):
+        for name in ("final", "prompt", "sent"):
             if name in tensors and not torch.isfinite(tensors[name]).all():
                 raise SarmError(
                     f"{shard}: non-finite values in {name!r}; delete {self.folder} and re-run the rule that cached it"
@@ -790,10 +808,22 @@ class ActivationCache:
 
     def final(self) -> torch.Tensor:
         """Final-token vectors of all sequences, row = sequence number (chosen 2i, rejected 2i+1)."""
+        return self._per_sequence("final")
+
+    def prompt_final(self) -> torch.Tensor:
+        """Each sequence's prompt state (`prompt_position`: the last token before its response), row = sequence."""
+        return self._per_sequence("prompt")
+
+    def _per_sequence(self, name: str) -> torch.Tensor:
         out = torch.full((len(self.index), self.hidden_size), float("nan"))
         for shard in self.shards:
             tensors = self.load_shard(shard)
-            out[tensors["seq"]] = tensors["final"]
+            if name not in tensors:
+                raise SarmError(
+                    f"{self.folder}: cached before its shards kept {name!r} states (cache format < {CACHE_FORMAT}); "
+                    "re-run the rule that cached it"
+                )
+            out[tensors["seq"]] = tensors[name]
         missing = torch.isnan(out).any(1).nonzero().flatten()
         if len(missing):
             raise SarmError(

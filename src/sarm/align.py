@@ -224,21 +224,20 @@ def read_candidates(path: str | Path) -> pd.DataFrame:
 
 def score_candidates(reward_models: dict, cache, candidates: pd.DataFrame) -> pd.DataFrame:
     """Per-candidate scores of each reward model, all from the same cached hidden states (one forward pass
-    for every model that reads the same layer of the same base model)."""
+    for every model that reads the same layer of the same base model; `score_cache` reads what a model needs)."""
     index = cache.index
     if index[["id", "candidate"]].astype(str).values.tolist() != candidates[["id", "candidate"]].astype(str).values.tolist():
         raise SarmError(f"{cache.folder} was cached from other candidates than the table given; re-run its rule")
-    hidden = cache.final()
     scores = candidates[["id", "candidate", "win_prob", "n_chars"]].assign(
         n_tokens=index["n_tokens"].to_numpy(), truncated=index["truncated"].to_numpy()
     )
     from sarm.reward_model import check_finite  # not at the top: the reporting rules need no torch
 
     for name, model in reward_models.items():
-        if model.config["hidden_size"] != hidden.shape[1]:
+        if model.config["hidden_size"] != cache.hidden_size:
             raise SarmError(
-                f"reward model {name} reads {model.config['hidden_size']}-wide states, the cache holds {hidden.shape[1]}"
+                f"reward model {name} reads {model.config['hidden_size']}-wide states, the cache holds {cache.hidden_size}"
             )
-        scores[name] = model.score_hidden(hidden).numpy()
+        scores[name] = model.score_cache(cache)[0].numpy()
         check_finite(scores[name], model, f"the cache {cache.folder}")
     return scores

@@ -13,13 +13,19 @@ from sarm.rewardbench import score_table
 
 def score_cached(model: RewardModel, cache: ActivationCache, pairs: pd.DataFrame) -> pd.DataFrame:
     """Per-example scores (id, subset, category, score_chosen, score_rejected) from cached states, plus the
-    pairs' optional grouping and benchmark columns (`rewardbench.PASS_THROUGH`) when they have them."""
+    pairs' optional grouping and benchmark columns (`rewardbench.PASS_THROUGH`) when they have them, and the
+    model's per-sequence details (`score_cache`; e.g. a multi-objective model's `objective_<name>`, `gate_<name>`)
+    as `<detail>_chosen` / `<detail>_rejected`."""
     cached_ids = cache.index.loc[cache.index["side"] == "chosen", "id"].tolist()
     if cached_ids != pairs["id"].tolist():
         raise SarmError(f"{cache.folder} was cached from other pairs than the table given; re-run its rule")
-    rewards = model.score_hidden(cache.final()).numpy()
+    rewards, details = model.score_cache(cache)
+    rewards = rewards.numpy()
     check_finite(rewards, model, f"the cache {cache.folder}")
-    return score_table(pairs, rewards[0::2], rewards[1::2])
+    table = score_table(pairs, rewards[0::2], rewards[1::2])
+    for name, values in details.items():
+        table[f"{name}_chosen"], table[f"{name}_rejected"] = values[0::2], values[1::2]
+    return table
 
 
 def score_text(model, pairs: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:

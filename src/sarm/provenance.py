@@ -79,6 +79,7 @@ def describe(dtype: str | None, found: dict | None) -> str:
 
 
 CACHE_META_FILE = "meta.json"  # what an activation cache records (sarm.activations writes it)
+CACHE_FORMAT = 2  # what its shards hold (2: each sequence's prompt state too); the caching rules re-run when it changes
 
 
 def computed_with(model, cache=None, device: str = "cpu") -> dict:

@@ -12,6 +12,8 @@ Two formats, told apart by `format` in the folder's `reward_model.json`:
   -> z-scored -> a small MLP. The folder holds `reward_model.json` (with the chosen latent ids and their mean
   activation differences) and `head.safetensors` (the m directions, the projections' mean and std, the MLP);
   no SAE: the m directions are all it reads;
+- `sarm-multi-objective` (`sarm.gated_reward_model.GatedRewardModel`, ArmoRM-style): one linear head per objective
+  over the response's features, mixed by a softmax gate over the prompt's features;
 - `hf-sequence-classifier` (`ClassifierRewardModel`): a full-depth AutoModelForSequenceClassification.
 
 `load(path)` reads any of them. All score raw text with `score(prompts, responses)`; a head over features (and
@@ -44,6 +46,7 @@ SAE_DIR = "sae"
 FEATURE_KINDS = ("sae", "hidden")
 CLASSIFIER_FORMAT = "hf-sequence-classifier"
 SPARSE_RM_FORMAT = "sarm-sparse-rm"
+MULTI_OBJECTIVE_FORMAT = "sarm-multi-objective"
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,11 @@ class RewardModel:
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.features(hidden) @ self.weight
 
+    def score_cache(self, cache) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Rewards of every sequence of an `ActivationCache`, and per-sequence detail columns (none here; a
+        multi-objective model gives each objective's score and the gate's weights)."""
+        return self.score_hidden(cache.final()), {}
+
     def contributions(self, features: torch.Tensor) -> torch.Tensor:
         """w_i * z_i per feature: each row sums to that sequence's reward."""
         return features * self.weight
@@ -230,14 +238,19 @@ class RewardModel:
             self._eot = end, sorted((t for t in specials if t), key=len, reverse=True)
         return self._eot
 
-    @torch.no_grad()
     def hidden_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> torch.Tensor:
         """Standardised final-token states of already tokenised sequences, in length-sorted batches."""
+        return self.states_encoded(encoded, batch_size)[0]
+
+    @torch.no_grad()
+    def states_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final-token states, prompt states) of already tokenised sequences, as a cache holds them."""
         if self._backbone is None:
             self.load_backbone(self.device)
-        out = torch.empty(len(encoded), self.config["hidden_size"])
+        final = torch.empty(len(encoded), self.config["hidden_size"])
+        prompt = torch.empty_like(final)
         for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
-            final, _ = activations.forward_batch(
+            final[batch], _, prompt[batch] = activations.forward_batch(
                 self._backbone,
                 [encoded[i] for i in batch],
                 self._tokenizer.pad_token_id,
@@ -245,8 +258,7 @@ class RewardModel:
                 False,
                 self.standardized,
             )
-            out[batch] = final
-        return out
+        return final, prompt
 
     @property
     def standardized(self) -> bool:
@@ -555,6 +567,10 @@ def load(path: str | Path, device: str = "cpu", trust_remote_code: bool = False)
         return ClassifierRewardModel(path, device, trust_remote_code)
     if kind == SPARSE_RM_FORMAT:
         return ProjectionRewardModel.from_pretrained(path, device, trust_remote_code)
+    if kind == MULTI_OBJECTIVE_FORMAT:
+        from sarm.gated_reward_model import GatedRewardModel  # it builds on this module
+
+        return GatedRewardModel.from_pretrained(path, device, trust_remote_code)
     return RewardModel.from_pretrained(path, device, trust_remote_code)
 
 
@@ -568,8 +584,13 @@ def load_feature_head(path: str | Path, device: str = "cpu", trust_remote_code: 
             "over features (mode frozen, finetune or joint)"
         )
     if not model.linear_head:
+        what = (
+            "a SparseRM's reward is an MLP over projections"
+            if isinstance(model, ProjectionRewardModel)
+            else ("a multi-objective reward is a prompt-gated mix of heads")
+        )
         raise SarmError(
-            f"{path}: a SparseRM's reward is an MLP over projections, not a sum over features; name a reward model "
+            f"{path}: {what}, not a sum over features; name a reward model "
             "with a linear head over features (mode frozen, finetune or joint)"
         )
     return model

@@ -12,6 +12,7 @@ rule cache_activations:
         model=model_settings(),
         device=config["device"],
         with_sentences=with_sentences,
+        cache_format=CACHE_FORMAT,  # what the shards hold: a cache of an older format re-runs
     threads: 8
     resources:
         mem_mb=mem_mb_for("cache_activations"),

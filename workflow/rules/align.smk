@@ -32,6 +32,7 @@ rule cache_bon:
     params:
         model=model_settings(),
         device=config["device"],
+        cache_format=CACHE_FORMAT,  # what the shards hold: a cache of an older format re-runs
     threads: 8
     resources:
         mem_mb=mem_mb_for("cache_bon"),

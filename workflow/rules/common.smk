@@ -7,7 +7,7 @@ from snakemake.utils import validate
 
 from sarm.config import EXPLAIN_REWARD_MODEL, check, check_references, explain_reward_model
 from sarm.errors import SarmError
-from sarm.provenance import PORTABLE_CPU
+from sarm.provenance import CACHE_FORMAT, PORTABLE_CPU
 from sarm.sae_input import pretrained_input
 from sarm.variants import specs_from_config
 

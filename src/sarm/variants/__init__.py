@@ -15,9 +15,10 @@ from sarm.variants.spec import (
 )
 
 # the built-in kinds register themselves on import
-from sarm.variants import frozen, tuned, full_depth, sparse_rm  # noqa: E402,F401  isort: skip
+from sarm.variants import frozen, tuned, full_depth, sparse_rm, multi_objective  # noqa: E402,F401  isort: skip
 from sarm.variants.frozen import FrozenHead  # noqa: E402
 from sarm.variants.full_depth import FullDepth  # noqa: E402
+from sarm.variants.multi_objective import MultiObjective  # noqa: E402
 from sarm.variants.sparse_rm import SparseRM  # noqa: E402
 from sarm.variants.tuned import EndToEnd, FineTuned, Joint  # noqa: E402
 
@@ -29,6 +30,7 @@ __all__ = [
     "FrozenHead",
     "FullDepth",
     "Joint",
+    "MultiObjective",
     "RewardModelSpec",
     "SparseRM",
     "kinds",
