@@ -85,6 +85,17 @@ def test_one_head_per_category_each_fitted_on_its_pairs_only(fitted, caches):
     assert model.config["training"]["selected_epoch"] == best["epoch"]
 
 
+def test_length_debias_trains_every_head_and_the_gate_with_its_length_term(fitted, caches, tiny_model_dir):
+    train, val, _, sae, _ = caches
+    spec = spec_from_config("mo-poe", {"mode": "multi_objective", "length_debias": "poe"})
+    model, history = spec.fit_cached(train, val, tiny_model_dir, MODEL_SPEC, SETTINGS, sae, seed=0)
+    record = model.config["multi_objective"]["objectives"]
+    assert all(r["length_debias"] == "poe" and r["length_beta"] != 0 for r in record.values())
+    assert model.config["training"]["length_debias"] == "poe" and "length_beta" in model.config["training"]  # the gate's
+    assert history["length_beta"].notna().all()
+    assert not torch.equal(model.heads, fitted[0].heads)  # the length term changed what the heads learned
+
+
 def test_the_gate_mixes_the_objectives_per_prompt_and_the_parts_add_up(fitted, caches):
     model, _, _ = fitted
     train, *_ = caches
@@ -174,6 +185,32 @@ def test_the_text_path_scores_as_the_cached_path(fitted, caches):
     np.testing.assert_allclose(rejected, cached.score_rejected, atol=1e-4, rtol=0)
     with pytest.raises(SarmError, match="score \\(prompt, response\\) pairs"):
         model.score_texts(["<|im_start|>user\nHi<|im_end|>"])
+
+
+def test_the_server_scores_prompt_response_pairs_and_refuses_rendered_texts(fitted, caches):
+    from test_serve import post, start
+
+    from sarm.reward_model import load_base_head
+
+    _, _, folder = fitted
+    *_, tables, _, _ = caches
+    model, pairs = load_base_head(folder), tables["val"]
+    server, url = start(model, max_batch=4, max_wait_ms=2)
+    try:
+        prompts, responses = list(pairs.prompt), list(pairs.chosen)
+        status, out = post(url, {"prompts": prompts, "responses": responses})
+        assert status == 200
+        np.testing.assert_allclose(out["rewards"], model.score(prompts, responses), atol=1e-5, rtol=0)
+        for body, message in (
+            ({"query": ["<|im_start|>user\nHi<|im_end|>"]}, "needs the prompt located"),
+            ({"prompts": prompts[:1], "responses": responses[:1], "token_rewards": True}, "gives no per-token rewards"),
+        ):
+            status, out = post(url, body)
+            assert status == 400 and message in out["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.service.close()
 
 
 def test_best_of_n_scores_it_from_the_candidates_cache(fitted, caches, tiny_model_dir, tmp_path):

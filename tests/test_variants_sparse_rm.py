@@ -252,3 +252,26 @@ def test_a_damaged_folder_is_one_line_naming_the_file(fitted, tmp_path):
     (copy / "reward_model.json").write_text(json.dumps(config))
     with pytest.raises(SarmError, match=r"^SparseRM: its MLP weights do not fit mlp_hidden = 3 over 8 projections"):
         load(copy)
+
+
+def test_the_server_scores_it_and_refuses_attributions(fitted, trained):
+    from test_serve import post, start
+
+    from sarm.reward_model import load_base_head
+
+    _, _, folder, *_ = fitted
+    _, val_pairs, _ = trained
+    model = load_base_head(folder)
+    server, url = start(model, max_batch=4, max_wait_ms=2)
+    try:
+        prompts, responses = list(val_pairs.prompt), list(val_pairs.chosen)
+        status, out = post(url, {"prompts": prompts, "responses": responses, "token_rewards": True})
+        assert status == 200
+        np.testing.assert_allclose(out["rewards"], model.score(prompts, responses), atol=1e-5, rtol=0)
+        assert [t["rewards"][-1] for t in out["token_rewards"]] == pytest.approx(out["rewards"], abs=1e-4)
+        status, out = post(url, {"prompts": prompts[:1], "responses": responses[:1], "return_attributions": 3})
+        assert status == 400 and "no sum of per-feature contributions" in out["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.service.close()

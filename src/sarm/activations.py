@@ -638,6 +638,7 @@ def cache_sequences(
         raise SarmError(f"unknown SAE corpus {corpus!r} (sentence or token)")
     sequences = sequences.assign(
         n_tokens=[len(e.input_ids) for e in encoded],
+        n_response_tokens=[len(e.input_ids) - e.response_start for e in encoded],  # from its first content token
         n_sentences=[len(e.sentence_ends) for e in encoded],
         truncated=[e.truncated for e in encoded],
     )

@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from sarm import activations, checkpoints, models
 from sarm.cluster import training_memory_mb
 from sarm.errors import SarmError
-from sarm.length_debias import length_debias
+from sarm.length_debias import length_debias, response_tokens
 from sarm.reward import bt_loss, bt_margin_loss
 from sarm.reward_model import (
     CLASSIFIER_FORMAT,
@@ -152,7 +152,7 @@ class SarmForReward(_PairReward):
                 features = self.sae.encode(x.to(dtype)).float()
                 recon = self._reconstruction(hidden, response_mask, dtype) if self.recon_weight else None
         rewards = self.head(features.to(_stored_dtype(self.head.weight))).squeeze(-1).float()
-        return _bt_outputs(rewards, recon, self.recon_weight, self._length_term(), attention_mask)
+        return _bt_outputs(rewards, recon, self.recon_weight, self._length_term(), response_mask)
 
     def _reconstruction(self, hidden: torch.Tensor, response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The public recipe's reconstruction loss (its `sarm_train_mode=3`): the SAE, TopK on, reconstructs the
@@ -184,7 +184,7 @@ class ClassifierForReward(_PairReward):
 
     def forward(self, input_ids, attention_mask, response_mask=None):
         rewards = classifier_rewards(self.classifier, input_ids, attention_mask)
-        return _bt_outputs(rewards, None, 0.0, self._length_term(), attention_mask)
+        return _bt_outputs(rewards, None, 0.0, self._length_term(), response_mask)
 
 
 def _stored_dtype(param: torch.Tensor) -> torch.dtype:
@@ -199,14 +199,16 @@ def _computing_in(dtype: torch.dtype, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
-def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float, debias=None, attention_mask=None) -> dict:
+def _bt_outputs(rewards: torch.Tensor, recon, recon_weight: float, debias=None, response_mask=None) -> dict:
     """The batch's loss (rows 0..B-1 chosen, B..2B-1 rejected): BT, with `debias` its length-debiased form (the
-    lengths: the rows' token counts), plus recon_weight x the reconstruction loss."""
+    lengths: the rows' response token counts), plus recon_weight x the reconstruction loss."""
     half = len(rewards) // 2
     if debias is None:
         loss = bt_loss(rewards[:half], rewards[half:])
     else:
-        lengths = attention_mask.sum(-1).float()
+        if response_mask is None:
+            raise SarmError("a length-debiased loss needs the batch's response_mask (PairCollator)")
+        lengths = response_mask.sum(-1).float()
         loss = debias(rewards[:half] - rewards[half:], lengths[:half] - lengths[half:], bt_margin_loss)
     if recon is not None:
         loss = loss + recon_weight * recon
@@ -490,8 +492,8 @@ def finetune_reward_model(
 
 def with_length_debias(model: nn.Module, spec: RewardModelSpec, train_set: PairDataset) -> nn.Module:
     """`model` with the length term its spec asks for (config key reward_models.<name>.length_debias), scaled to
-    the training pairs' token-count differences; it trains with the model and is not saved with it."""
-    differences = [len(chosen.input_ids) - len(rejected.input_ids) for chosen, rejected in train_set.items]
+    the training pairs' response-length differences (tokens); it trains with the model and is not saved with it."""
+    differences = [response_tokens(chosen) - response_tokens(rejected) for chosen, rejected in train_set.items]
     debias = length_debias(spec.as_dict(), differences)
     if debias is not None and not isinstance(model, _PairReward):
         raise SarmError(

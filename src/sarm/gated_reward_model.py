@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sarm import activations
 from sarm.errors import SarmError
 from sarm.reward_model import (
     HEAD_FILE,
@@ -52,6 +53,8 @@ class GatedRewardModel(RewardModel):
     backbone, same standardised states), reading the prompt state in the same forward as the final one."""
 
     linear_head = False
+    scores_rendered_texts = False  # the prompt's state is read where the response starts: a rendered text hides it
+    gives_token_rewards = False
 
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor], sae=None, trust_remote_code: bool = False):
         if config["features"] == "sae" and sae is None:
@@ -116,16 +119,22 @@ class GatedRewardModel(RewardModel):
         raise SarmError("a multi-objective reward has per-objective contributions, which depend on the prompt: use attributions")
 
     # --- raw text ---
-    def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
-        """Rewards of (prompt, response) pairs from raw text (the prompt state read in the same forward)."""
-        final, prompt = self.states_encoded(self.encode(prompts, responses), batch_size)
-        return self.score_states(final, prompt)[0].numpy()
+    @property
+    def n_features(self) -> int:
+        return self.heads.shape[1]
+
+    def score_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> torch.Tensor:
+        """Rewards of tokenised (prompt, response) sequences (`encode`), the prompt state read in the same forward."""
+        return self.score_states(*self.states_encoded(encoded, batch_size))[0]
 
     def score_texts(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         raise SarmError(
             "a multi-objective reward model reads the prompt's state, which a rendered conversation does not locate: "
             "score (prompt, response) pairs"
         )
+
+    def token_rewards_batch(self, prompts: list, responses: list[str], batch_size: int = 16, top_k: int = 0) -> list:
+        raise SarmError("a multi-objective reward model gives no per-token rewards (its gate reads the prompt's state)")
 
     # --- attribution ---
     def attributions(self, final: torch.Tensor, prompt: torch.Tensor) -> pd.DataFrame:

@@ -8,9 +8,11 @@
 - `decorrelate` (after ODIN, Chen et al. 2024, "ODIN: disentangled reward mitigates hacking in RLHF"): the loss
   plus lambda * |Pearson(r_c - r_r, l_c - l_r)| over the batch's pairs.
 
-l is a sequence's token count (prompt + response as tokenised; a pair shares its prompt, so l_c - l_r is the
-responses' difference), divided by the standard deviation of the training pairs' differences, so beta and lambda
-do not depend on the tokenizer's scale.
+l is a response's token count (from its first content token through the end-of-turn token the reward is read at,
+as tokenised: the cache index's `n_response_tokens`, a batch's `response_mask`; a response that left truncation
+cut counts the tokens kept), divided by the standard deviation of the training pairs' differences l_c - l_r, so
+beta and lambda do not depend on the tokenizer's scale. (The whole sequence's count would do for pairs that share
+their prompt, but not once truncation to max_length cuts the prompt: both sides then count max_length.)
 
 Where the papers are unclear or differ from what is built here, what we chose:
 - Shen et al.'s length expert is a smaller language model and the main expert sees perturbed inputs; here the
@@ -28,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sarm.errors import SarmError
 from sarm.variants.spec import LENGTH_DEBIAS
 
 TINY = 1e-12
@@ -80,9 +83,20 @@ def length_debias(spec: dict, differences) -> LengthDebias | None:
     return LengthDebias(spec["length_debias"], spec.get("length_weight", 1.0), length_scale(differences))
 
 
-def cached_differences(index) -> torch.Tensor:
-    """l_c - l_r in tokens per pair of an ActivationCache index (rows of seq 2i / 2i+1: pair i's chosen / rejected)."""
-    tokens = torch.tensor(index.sort_values("seq")["n_tokens"].to_numpy(), dtype=torch.float32)
+def response_tokens(encoded) -> int:
+    """A tokenised sequence's response length l (an `activations.Encoded`)."""
+    return len(encoded.input_ids) - encoded.response_start
+
+
+def cached_differences(cache) -> torch.Tensor:
+    """l_c - l_r in tokens per pair of an ActivationCache (rows of seq 2i / 2i+1: pair i's chosen / rejected)."""
+    index = cache.index
+    if "n_response_tokens" not in index.columns:
+        raise SarmError(
+            f"{cache.folder}: cached before its index kept each response's token count (a length-debiased head "
+            "needs it); re-run the rule that cached it"
+        )
+    tokens = torch.tensor(index.sort_values("seq")["n_response_tokens"].to_numpy(), dtype=torch.float32)
     return tokens[0::2] - tokens[1::2]
 
 

@@ -216,7 +216,7 @@ def fit_reward_model(
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
         checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
-    differences = cached_differences(train.index) if spec.get("length_debias") else None
+    differences = cached_differences(train) if spec.get("length_debias") else None
     debias = length_debias(spec, differences)
     weight, history = train_head(
         shell.features(train.final(), sparse=True),

@@ -128,6 +128,8 @@ class RewardModel:
     """A trained SARM (or dense-baseline) reward model; see the module docstring for its folder."""
 
     linear_head = True  # the reward is sum_i w_i z_i: per-feature contributions, explanation, RL audit apply
+    scores_rendered_texts = True  # `score_texts`: a conversation rendered elsewhere (the reward is read at its end)
+    gives_token_rewards = True  # `token_rewards`: the head applied at each token of the response
 
     def __init__(self, config: dict, weight: torch.Tensor, sae=None, trust_remote_code: bool = False):
         if config["features"] not in FEATURE_KINDS:
@@ -157,6 +159,11 @@ class RewardModel:
 
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.features(hidden) @ self.weight
+
+    @property
+    def n_features(self) -> int:
+        """How many features the head reads."""
+        return len(self.weight)
 
     def score_cache(self, cache) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """Rewards of every sequence of an `ActivationCache`, and per-sequence detail columns (none here; a
@@ -202,7 +209,11 @@ class RewardModel:
 
     def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> np.ndarray:
         """Rewards of (prompt, response) pairs from raw text."""
-        return self.score_hidden(self.hidden(prompts, responses, batch_size)).numpy()
+        return self.score_encoded(self.encode(prompts, responses), batch_size).numpy()
+
+    def score_encoded(self, encoded: list[activations.Encoded], batch_size: int = 16) -> torch.Tensor:
+        """Rewards of already tokenised sequences (`encode`)."""
+        return self.score_hidden(self.hidden_encoded(encoded, batch_size))
 
     def encode(self, prompts: list, responses: list[str]) -> list[activations.Encoded]:
         """Chat-templated, left-truncated token ids of each (prompt, response), as `hidden` reads them."""
@@ -361,6 +372,10 @@ class ProjectionRewardModel(RewardModel):
             ) from None
         self.mlp.eval().requires_grad_(False)
         self._init_text_path(trust_remote_code)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.directions)
 
     def features(self, hidden: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """The projections <h, d_j> of each state onto the m unit decoder directions: [n, m]."""
@@ -572,6 +587,15 @@ def load(path: str | Path, device: str = "cpu", trust_remote_code: bool = False)
 
         return GatedRewardModel.from_pretrained(path, device, trust_remote_code)
     return RewardModel.from_pretrained(path, device, trust_remote_code)
+
+
+def load_base_head(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
+    """A saved model that reads the base model's (or its own tuned) layers 1..L and scores with a head on their
+    states (`RewardModel` and its kinds: what `sarm serve` batches); a sequence classifier is refused in one line."""
+    model = load(path, device, trust_remote_code)
+    if not isinstance(model, RewardModel):
+        raise SarmError(f"{path}: a full-depth sequence classifier is not served; serve a reward model with a head on layer L")
+    return model
 
 
 def load_feature_head(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:

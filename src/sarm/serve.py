@@ -14,7 +14,10 @@ Request bodies (JSON), one of:
   `{"role", "content"}` messages; the server applies the chat template (as `RewardModel.score` does).
 - `{"messages": [[{"role": ..., "content": ...}, ..., {"role": "assistant", ...}], ...]}`: whole
   conversations, each ending in the assistant turn that is scored.
-Optional: `"return_attributions": k` adds, per reward, its k largest feature contributions w_i z_i (by
+Any saved reward model with a head on layer L's states is served (`reward_model.load_base_head`): the SARM and
+dense heads, frozen or tuned, SparseRM, and the multi-objective model (which reads the prompt's state where the
+response starts, so it takes `prompts`/`responses` or `messages`, not `query` texts); a full-depth classifier is not.
+Optional: `"return_attributions": k` (a linear head) adds, per reward, its k largest feature contributions w_i z_i (by
 magnitude; for SARM the features are SAE latents, whose contributions sum to the reward). `"token_rewards": true`
 adds, per reward, the head applied at every token of the response (`sarm.token_rewards`): `{"tokens",
 "offsets", "rewards", "reward", "truncated", "dense"}`, the last of `rewards` being the reward and `dense` their
@@ -264,6 +267,7 @@ class RewardService:
         if model._backbone is None:
             model.load_backbone(model.device)
         self.max_length = model.config["base_model"]["max_length"]
+        self.model_kind = f"a {model.config['format']} reward model"
         self.stats = {"requests": 0, "sequences": 0, "batches": 0, "forwards": 0, "truncated": 0, "refused": {}}
         self._lock = threading.Lock()  # guards stats
         self._ready = threading.Condition()  # guards everything below
@@ -301,6 +305,8 @@ class RewardService:
                     f"not tokenised within --request-timeout ({self.limits.request_timeout:g} s): the server is busy", 503
                 )
             if item[0] == "text":
+                if not self.model.scores_rendered_texts:
+                    raise BadRequest(f'"query": {self.model_kind} needs the prompt located: send "prompts" and "responses"')
                 encoded += self.model.encode_texts([item[1]])
             else:
                 encoded += self.model.encode([item[1]], [item[2]])
@@ -314,7 +320,12 @@ class RewardService:
 
     def score_encoded(self, encoded: list, options: Options, client: str, deadline: float) -> dict:
         """Queue tokenised items and wait for their rewards (503 if `deadline` passes first)."""
-        job = _Job(client, encoded, min(options.top_k, len(self.model.weight)), options.token_rewards)
+        if options.top_k and not self.model.linear_head:
+            raise BadRequest(f'"return_attributions": {self.model_kind} is no sum of per-feature contributions')
+        if options.token_rewards and not self.model.gives_token_rewards:
+            raise BadRequest(f'"token_rewards": {self.model_kind} gives no per-token rewards')
+        top_k = min(options.top_k, self.model.n_features)
+        job = _Job(client, encoded, top_k, options.token_rewards)
         self._submit(job)
         if not job.done.wait(timeout=max(0.0, deadline - time.monotonic())):
             self._cancel(job)
@@ -452,9 +463,12 @@ class RewardService:
     def _run(self, batch: list[tuple[_Job, int]]) -> None:
         model = self.model
         encoded = [job.encoded[i] for job, i in batch]
-        features = model.features(model.hidden_encoded(encoded, self.max_batch))
-        rewards = (features @ model.weight).tolist()
         top_k = max(job.top_k for job, _ in batch)
+        if model.linear_head:  # the features are kept for the attributions
+            features = model.features(model.hidden_encoded(encoded, self.max_batch))
+            rewards = (features @ model.weight).tolist()
+        else:
+            rewards = model.score_encoded(encoded, self.max_batch).tolist()
         if top_k:
             contributions = model.contributions(features)
             top = contributions.abs().topk(top_k, dim=1).indices
@@ -503,8 +517,9 @@ class RewardService:
         base = self.model.config["base_model"]
         return {
             "status": "ok",
+            "format": self.model.config["format"],
             "features": self.model.config["features"],
-            "n_features": len(self.model.weight),
+            "n_features": self.model.n_features,
             "base_model": base.get("hub_id") or base["name"],
             "layer": base["layer"],
             "max_length": self.max_length,
@@ -838,13 +853,13 @@ def limits_from_args(args) -> Limits:
 
 
 def _serve(args) -> None:
-    from sarm.reward_model import load_feature_head
+    from sarm.reward_model import load_base_head
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = limits_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_feature_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_base_head(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     model.load_backbone(model.device)
     try:
         server = make_server(model, args.host, args.port, args.max_batch, args.max_wait_ms, limits)

@@ -130,7 +130,7 @@ def of_feature_head(model, encoded: list[activations.Encoded], batch_size: int =
     out: list[TokenRewards | None] = [None] * len(encoded)
     for batch in activations.length_sorted_batches([len(e.input_ids) for e in encoded], batch_size):
         seqs = [replace(encoded[i], sentence_ends=response_positions(encoded[i])) for i in batch]
-        _, states = activations.forward_batch(
+        _, states, _ = activations.forward_batch(
             model._backbone, seqs, model._tokenizer.pad_token_id, model.device, True, model.standardized
         )
         for i, seq, hidden in zip(batch, seqs, states):

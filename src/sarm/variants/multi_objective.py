@@ -105,6 +105,7 @@ class MultiObjective(FrozenHead):
 
         from sarm import checkpoints
         from sarm.gated_reward_model import GatedRewardModel
+        from sarm.length_debias import cached_differences, length_debias, planned
         from sarm.reward import checkpoint_fingerprint, selected_epoch, train_head
         from sarm.reward_model import MULTI_OBJECTIVE_FORMAT, RewardModel, model_config
 
@@ -112,7 +113,9 @@ class MultiObjective(FrozenHead):
             raise SarmError(f"reward model {self.name}: multi_objective with features: sae needs its SAE")
         train_categories, val_categories = _pair_categories(train), _pair_categories(val)
         objectives = self.objectives_of(train_categories)
-        training = {"mode": self.kind, "cached": True, **settings, "seed": seed}
+        spec = self.as_dict()
+        training = {"mode": self.kind, "cached": True, **settings, "seed": seed, **planned(spec)}
+        differences = cached_differences(train) if self.length_debias else None  # per training pair
         config = model_config(
             self.as_dict(),
             {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
@@ -142,6 +145,8 @@ class MultiObjective(FrozenHead):
                     "objective %s: no validation pair in its categories; its epoch is chosen on all validation pairs", name
                 )
                 val_rows = torch.arange(len(val_categories) * 2)
+            lengths = None if differences is None else differences[train_rows[0::2] // 2]
+            debias = length_debias(spec, lengths)
             weight, history = train_head(
                 features["train"][train_rows],
                 features["val"][val_rows],
@@ -152,6 +157,8 @@ class MultiObjective(FrozenHead):
                 seed,
                 log,
                 stage_root(f"objective{k}"),
+                debias,
+                lengths,
             )
             best = history.loc[selected_epoch(history) - 1]
             record[name] = {
@@ -160,6 +167,7 @@ class MultiObjective(FrozenHead):
                 "n_val_pairs": len(val_rows) // 2,
                 "selected_epoch": int(best["epoch"]),
                 "val_accuracy": float(best["val_accuracy"]),
+                **(debias.record() if debias is not None else {}),
             }
             heads.append(weight)
             histories.append(history.assign(stage="objective", objective=name))
@@ -167,11 +175,14 @@ class MultiObjective(FrozenHead):
         k = len(heads)
         tensors = {"heads": torch.stack(heads), "gate.weight": torch.zeros(k, width), "gate.bias": torch.zeros(k)}
         model = GatedRewardModel(config, tensors, sae)
-        history = train_gate(model, features, prompts, settings, seed, log, stage_root("gate"))
+        debias = length_debias(spec, differences)
+        history = train_gate(model, features, prompts, settings, seed, log, stage_root("gate"), debias, differences)
         histories.append(history.assign(stage="gate", objective=None))
         best = history.loc[selected_epoch(history) - 1]
         config["training"]["selected_epoch"] = int(best["epoch"])
         config["training"]["val_accuracy"] = float(best["val_accuracy"])
+        if debias is not None:
+            config["training"].update(debias.record())  # the gate's length term (each head's: its objective's record)
         return model, pd.concat(histories, ignore_index=True)
 
 
@@ -206,9 +217,20 @@ class GateRows:
         return GateRows(self.scores[rows], self.prompt[rows])
 
 
-def train_gate(model, features: dict, prompts: dict, settings: dict, seed: int = 0, log=None, checkpoint_root=None):
+def train_gate(
+    model,
+    features: dict,
+    prompts: dict,
+    settings: dict,
+    seed: int = 0,
+    log=None,
+    checkpoint_root=None,
+    debias=None,
+    differences=None,
+):
     """Train `model`'s gate (V, b) with BT on all paired rows, its heads fixed, in `sarm.reward.fit_pairs` (the epoch
-    best on validation kept); leave the model at that epoch. Returns one history row per epoch."""
+    best on validation kept; `debias`, `differences`: its length-debiased loss); leave the model at that epoch.
+    Returns one history row per epoch."""
     import torch
 
     from sarm.reward import fit_pairs
@@ -233,6 +255,8 @@ def train_gate(model, features: dict, prompts: dict, settings: dict, seed: int =
         log,
         checkpoint_root,
         what="multi-objective gate training",
+        debias=debias,
+        differences=differences,
     )
     with torch.no_grad():
         model.gate_weight, model.gate_bias = best_weight.detach().clone(), best_bias.detach().clone()

@@ -154,7 +154,7 @@ class SparseRM(FrozenHead):
             model = ProjectionRewardModel(config, {**tensors, **initial_mlp(self.m, self.mlp_hidden)})
         if checkpoint_root is not None:
             checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
-        differences = cached_differences(train.index) if self.length_debias else None
+        differences = cached_differences(train) if self.length_debias else None
         debias = length_debias(self.as_dict(), differences)
         history = train_mlp(
             model,
