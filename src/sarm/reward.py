@@ -15,6 +15,7 @@ from sarm import checkpoints
 from sarm.errors import SarmError
 from sarm.length_debias import LengthDebias, cached_differences, length_debias, planned
 from sarm.reward_model import RewardModel, SparseFeatures, model_config
+from sarm.variants.spec import DEFAULT_KIND
 
 HEAD_STATE = "head_state.pt"
 
@@ -203,15 +204,7 @@ def fit_reward_model(
     """Train a head on cached states (`train`, `val`: ActivationCaches) and wrap it as a RewardModel;
     `spec` is the config's reward-model entry (features, sae, topk, length_debias). With `checkpoint_root`, a run
     cut short resumes from its last epoch."""
-    training = {"mode": "frozen", "cached": True, **settings, "seed": seed, **planned(spec)}
-    config = model_config(
-        spec,
-        {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
-        model_dir,
-        train.hidden_size,
-        training,
-        sae_input=train.meta.get("sae_input"),
-    )
+    config = cached_model_config(spec, train, model_dir, model_spec, settings, seed)
     features = spec["features"]
     shell = RewardModel(config, torch.zeros(sae.cfg.d_sae if features == "sae" else train.hidden_size), sae)
     if checkpoint_root is not None:
@@ -231,9 +224,28 @@ def fit_reward_model(
         debias,
         differences,
     )
+    record_selection(config, history, debias)
+    return RewardModel(config, weight, sae), history
+
+
+def cached_model_config(spec: dict, train, model_dir, model_spec: dict, settings: dict, seed: int) -> dict:
+    """The `reward_model.json` of a model of `spec` (`as_dict()`) trained on the cached states `train` (an
+    ActivationCache, whose dtype and SAE input it records) with `settings` (config key `reward`)."""
+    training = {"mode": spec.get("mode", DEFAULT_KIND), "cached": True, **settings, "seed": seed, **planned(spec)}
+    return model_config(
+        spec,
+        {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
+        model_dir,
+        train.hidden_size,
+        training,
+        sae_input=train.meta.get("sae_input"),
+    )
+
+
+def record_selection(config: dict, history: pd.DataFrame, debias: LengthDebias | None = None) -> None:
+    """Put the kept epoch (`selected_epoch`), its validation accuracy and the length term's record in `config`."""
     best = history.loc[selected_epoch(history) - 1]
     config["training"]["selected_epoch"] = int(best["epoch"])
     config["training"]["val_accuracy"] = float(best["val_accuracy"])
     if debias is not None:
         config["training"].update(debias.record())
-    return RewardModel(config, weight, sae), history

@@ -105,25 +105,17 @@ class MultiObjective(FrozenHead):
 
         from sarm import checkpoints
         from sarm.gated_reward_model import GatedRewardModel
-        from sarm.length_debias import cached_differences, length_debias, planned
-        from sarm.reward import checkpoint_fingerprint, selected_epoch, train_head
-        from sarm.reward_model import MULTI_OBJECTIVE_FORMAT, RewardModel, model_config
+        from sarm.length_debias import cached_differences, length_debias
+        from sarm.reward import cached_model_config, checkpoint_fingerprint, record_selection, selected_epoch, train_head
+        from sarm.reward_model import MULTI_OBJECTIVE_FORMAT, RewardModel
 
         if self.features == "sae" and sae is None:
             raise SarmError(f"reward model {self.name}: multi_objective with features: sae needs its SAE")
         train_categories, val_categories = _pair_categories(train), _pair_categories(val)
         objectives = self.objectives_of(train_categories)
         spec = self.as_dict()
-        training = {"mode": self.kind, "cached": True, **settings, "seed": seed, **planned(spec)}
         differences = cached_differences(train) if self.length_debias else None  # per training pair
-        config = model_config(
-            self.as_dict(),
-            {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
-            model_dir,
-            train.hidden_size,
-            training,
-            sae_input=train.meta.get("sae_input"),
-        )
+        config = cached_model_config(spec, train, model_dir, model_spec, settings, seed)
         config["format"] = MULTI_OBJECTIVE_FORMAT
         config["read_at"] = "final token (response) and last token before the response (prompt)"
         width = sae.cfg.d_sae if self.features == "sae" else train.hidden_size
@@ -178,11 +170,7 @@ class MultiObjective(FrozenHead):
         debias = length_debias(spec, differences)
         history = train_gate(model, features, prompts, settings, seed, log, stage_root("gate"), debias, differences)
         histories.append(history.assign(stage="gate", objective=None))
-        best = history.loc[selected_epoch(history) - 1]
-        config["training"]["selected_epoch"] = int(best["epoch"])
-        config["training"]["val_accuracy"] = float(best["val_accuracy"])
-        if debias is not None:
-            config["training"].update(debias.record())  # the gate's length term (each head's: its objective's record)
+        record_selection(config, history, debias)  # the gate's (each head's: its objective's record)
         return model, pd.concat(histories, ignore_index=True)
 
 

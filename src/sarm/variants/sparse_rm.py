@@ -110,9 +110,9 @@ class SparseRM(FrozenHead):
         import torch
 
         from sarm import checkpoints
-        from sarm.length_debias import cached_differences, length_debias, planned
-        from sarm.reward import checkpoint_fingerprint, selected_epoch
-        from sarm.reward_model import ProjectionRewardModel, model_config, set_topk
+        from sarm.length_debias import cached_differences, length_debias
+        from sarm.reward import cached_model_config, checkpoint_fingerprint, record_selection
+        from sarm.reward_model import ProjectionRewardModel, set_topk
 
         if sae is None:
             raise SarmError(f"reward model {self.name}: sparse_rm needs its SAE")
@@ -130,15 +130,7 @@ class SparseRM(FrozenHead):
             "proj_mean": projections.mean(0),
             "proj_std": projections.std(0).nan_to_num(1.0).clamp_min(1e-6),  # std of one row is nan
         }
-        training = {"mode": self.kind, "cached": True, **settings, "seed": seed, **planned(self.as_dict())}
-        config = model_config(
-            self.as_dict(),
-            {**model_spec, "dtype": train.meta.get("dtype", model_spec["dtype"])},
-            model_dir,
-            train.hidden_size,
-            training,
-            sae_input=train.meta.get("sae_input"),
-        )
+        config = cached_model_config(self.as_dict(), train, model_dir, model_spec, settings, seed)
         config["format"] = "sarm-sparse-rm"
         config["sparse_rm"] = {
             "m": self.m,
@@ -168,11 +160,7 @@ class SparseRM(FrozenHead):
             debias,
             differences,
         )
-        best = history.loc[selected_epoch(history) - 1]
-        config["training"]["selected_epoch"] = int(best["epoch"])
-        config["training"]["val_accuracy"] = float(best["val_accuracy"])
-        if debias is not None:
-            config["training"].update(debias.record())
+        record_selection(config, history, debias)
         return model, history
 
 
