@@ -23,8 +23,10 @@ def ablation_run(tiny_model_dir, shared_data, tmp_path_factory):
     ablations = yaml.safe_load((REPO / "config/ablations.yaml").read_text())
     # every mode and SAE kind (dense heads, frozen TopK-off: covered by test_finetune and test_workflow)
     keep = ["sarm", "sarm-random-sae", "sarm-token-sae", "sarm-finetuned", "sarm-joint", "full-depth", "sparse-rm"]
+    variants = yaml.safe_load((REPO / "config/variants.yaml").read_text())["reward_models"]  # the seed papers' too
     config = tiny_config(tiny_model_dir, shared_data) | {
-        "reward_models": {name: ablations["reward_models"][name] for name in keep},
+        "reward_models": {name: ablations["reward_models"][name] for name in keep}
+        | {name: variants[name] for name in ("sarm-multi", "sarm-poe")},
         "finetune": {**ablations["finetune"], "max_pairs": 12, "global_batch_size": 4, "per_device_batch_size": 2},
         "bon": {"path": None},
         # the cards and attributions of another model than `sarm` (config key explain.reward_model), for real
@@ -59,6 +61,12 @@ def test_every_variant_is_trained_evaluated_and_compared(ablation_run):
     assert set(orderings["table"]) == {"val", "rb-like"} and orderings["verdict"].notna().all()
     assert configs["sparse-rm"]["format"] == "sarm-sparse-rm" and len(configs["sparse-rm"]["sparse_rm"]["latents"]) == 128
     assert not orderings[["winner_by_paper", "loser_by_paper"]].isin(["sparse-rm"]).any().any()  # no linear head
+    assert configs["sarm-poe"]["training"]["length_debias"] == "poe" and "length_beta" in configs["sarm-poe"]["training"]
+    gated = pd.read_parquet(results / "eval" / "sarm-multi" / "val" / "scores.parquet")
+    # one objective per training category (the tiny config's: the data sets' names), each kept per example
+    assert {"gate_hh-helpful_chosen", "objective_hh-harmless_rejected"} <= set(gated.columns)
+    length_bias = pd.read_csv(results / "tables" / "length_bias.csv")
+    assert set(length_bias["model"]) >= set(variants) and length_bias["pair_pearson"].notna().any()
     beside = pd.read_csv(results / "tables" / "variant_comparisons.csv")  # every variant beside the SARM head
     assert set(beside["variant"]) == set(variants) - {"sarm"} and set(beside["reference"]) == {"sarm"}
     assert set(beside["table"]) == {"val", "rb-like"}

@@ -210,7 +210,7 @@ def test_explain_stage_writes_attributions_cards_and_the_shift(smoke_run):
     stats = json.loads((results / "explain/sarm/features.json").read_text())
     assert page.count('<section class="card"') == len(stats["features"]) >= 3 and "data:image/png;base64," in page
     pages = sorted(p.name for p in (results / "explain/sarm/token_rewards").glob("*.html"))  # explain.token_rewards: 3 pairs
-    assert pages == ["index.html", *(f"{i:03d}_{side}.html" for i in range(3) for side in ("chosen", "rejected"))]
+    assert pages == sorted(["index.html", *(f"{i:03d}_{side}.html" for i in range(3) for side in ("chosen", "rejected"))])
     labels = json.loads((results / "explain/sarm/labels.json").read_text())
     assert len(labels) == 2 and {v["status"] for v in labels.values()} <= {"labelled", "unlabelled", "cached"}
     shift = pd.read_csv(results / "tables/preference_shift.csv")
