@@ -210,7 +210,12 @@ def test_a_completion_in_several_pairs_counts_once():
 
 def test_the_length_bias_table_sets_correlations_beside_accuracy_and_bon_length():
     def summary(accuracy, value):
-        return {"accuracy": accuracy, "length_correlation": {"pearson": value, "spearman": value, "pair_pearson": value}}
+        categories = [{"category": "a", "accuracy": 1.0}, {"category": "overall", "accuracy": accuracy}]
+        return {
+            "accuracy": 0.5,  # pair accuracy: not the tables' overall (the mean of the categories)
+            "categories": categories,
+            "length_correlation": {"pearson": value, "spearman": value, "pair_pearson": value},
+        }
 
     summaries = {("sarm", "val"): summary(0.7, 0.2), ("length", "val"): summary(0.6, 1.0)}
     bon = pd.DataFrame(

@@ -55,8 +55,16 @@ def length_correlation(scores: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     }
 
 
+def overall(summary: dict) -> float:
+    """The score an accuracy table's `overall` row shows: the mean of the categories (the pair accuracy for a
+    summary without categories)."""
+    categories = {row["category"]: row["accuracy"] for row in summary.get("categories", [])}
+    return categories.get("overall", summary["accuracy"])
+
+
 def length_bias_table(summaries: dict[tuple[str, str], dict], bon: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per (reward model, eval table): accuracy (%), the summary's length correlations and, where best-of-N ran
+    """Per (reward model, eval table): the accuracy tables' overall score (%), the summary's length correlations and,
+    where best-of-N ran
     (`bon`: the rows of `sarm.align.win_rates`), the model's best-of-N win rate and its picks' mean length."""
     picks = {} if bon is None else bon.set_index("selector")
     rows = []
@@ -67,7 +75,7 @@ def length_bias_table(summaries: dict[tuple[str, str], dict], bon: pd.DataFrame 
         row = {
             "model": model,
             "table": table,
-            "accuracy": round(100 * summary["accuracy"], 1),
+            "accuracy": round(100 * overall(summary), 1),
             "pearson": corr["pearson"],
             "spearman": corr["spearman"],
             "pair_pearson": corr["pair_pearson"],
