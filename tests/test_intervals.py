@@ -6,7 +6,7 @@ import pytest
 from test_rewardbench_v2 import grouped_scores
 
 from sarm.ablations import variant_table
-from sarm.intervals import paired_interval, score_interval
+from sarm.intervals import bootstrap, interval, score_interval
 from sarm.rewardbench import summarize
 from sarm.tables import CI_ROWS, accuracy_table
 from sarm.variants import specs_from_config
@@ -43,9 +43,10 @@ def test_a_model_without_errors_has_a_point_interval_and_differences_are_paired(
     half = local_scores({"a": [True] * 10, "b": [False] * 10})
     assert score_interval(perfect, draws=100) == (1.0, 1.0, 1.0)
     # the same resamples for both: b is always 0 vs 1, a always equal, so the difference is exactly 0.5
-    assert paired_interval(perfect, half, draws=100) == pytest.approx((1.0, 0.5, 0.5, 0.5))
+    points, values = bootstrap([perfect, half], draws=100)
+    assert list(points) == [1.0, 0.5] and interval(values[0] - values[1]) == (0.5, 0.5)
     with pytest.raises(ValueError, match="different pairs"):
-        paired_interval(perfect, half.iloc[::-1], draws=10)
+        bootstrap([perfect, half.iloc[::-1]], draws=10)
 
 
 def test_accuracy_table_carries_the_overall_interval():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sarm.intervals import DRAWS, paired_interval, score_interval
+from sarm.intervals import DRAWS, bootstrap, interval
 from sarm.variants import RewardModelSpec
 
 # (claim, the paper's winner, the loser): each a spec the reward model must match; `None` matches anything.
@@ -91,11 +91,12 @@ def verdict(difference: float, low: float, high: float) -> str:
 
 def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict, draws: int = DRAWS) -> pd.DataFrame:
     """One row per (claim, model pair, table); `scores[model][table]` is a per-example score table, compared on
-    the score its benchmark's accuracy table reports (`sarm.intervals.paired_interval`)."""
+    the score its benchmark's accuracy table reports (`sarm.intervals.bootstrap`)."""
     rows = []
     for claim, win, lose in comparisons(specs):
         for table in scores[win]:
-            score_a, score_b, low, high = _compare(scores, win, lose, table, draws)
+            (score_a, score_b), values = _bootstrap(scores, win, lose, table, draws)
+            low, high = interval(values[0] - values[1])
             rows.append(
                 {
                     "claim": claim,
@@ -113,9 +114,10 @@ def ordering_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict, draw
     return pd.DataFrame(rows, columns=COLUMNS).round(1)
 
 
-def _compare(scores: dict, a: str, b: str, table: str, draws: int) -> tuple[float, float, float, float]:
+def _bootstrap(scores: dict, a: str, b: str, table: str, draws: int):
+    """`sarm.intervals.bootstrap` of models a and b on `table`, an error naming them."""
     try:
-        return paired_interval(scores[a][table], scores[b][table], draws)
+        return bootstrap([scores[a][table], scores[b][table]], draws)
     except ValueError as err:
         raise ValueError(f"{a} and {b} on {table}: {err}") from None
 
@@ -153,8 +155,8 @@ def variant_table(scores: dict[str, dict[str, pd.DataFrame]], specs: dict, draws
         if reference is None or variant == reference:
             continue
         for table in scores[variant]:
-            score_v, score_r, low, high = _compare(scores, variant, reference, table, draws)
-            _, low_v, high_v = score_interval(scores[variant][table], draws)
+            (score_v, score_r), values = _bootstrap(scores, variant, reference, table, draws)  # one set of resamples
+            (low_v, high_v), (low, high) = interval(values[0]), interval(values[0] - values[1])
             rows.append(
                 {
                     "variant": variant,

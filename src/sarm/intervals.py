@@ -46,20 +46,6 @@ def _category_draws(correct: np.ndarray, categories: np.ndarray, weights: np.nda
     return out
 
 
-def paired_bootstrap(
-    correct_a: np.ndarray,
-    correct_b: np.ndarray,
-    categories: np.ndarray,
-    draws: int = DRAWS,
-    seed: int = 0,
-    weights: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """95 % interval of score(a) - score(b), resampling pairs within each category (the same draw for both)."""
-    weights = np.ones(len(correct_a)) if weights is None else weights
-    scores = _category_draws(np.stack([correct_a, correct_b]).astype(float), categories, weights, draws, seed)
-    return _interval(scores[0] - scores[1])
-
-
 def pair_draws(frames: list[pd.DataFrame], draws: int = DRAWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(each model's score [models], its bootstrap scores [models, draws]) on a table scored pair by pair."""
     categories, weights = frames[0]["category"].to_numpy(), pair_weights(frames[0])
@@ -89,13 +75,16 @@ def rewardbench2_draws(frames: list[pd.DataFrame], draws: int = DRAWS, seed: int
 SCORE_DRAWS: dict[str, Callable] = {"best_of_n": rewardbench2_draws, "sections": pair_draws, "pairs": pair_draws}
 
 
-def _draws(frames: list[pd.DataFrame], draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap(frames: list[pd.DataFrame], draws: int = DRAWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(each model's score [models], its scores on `draws` resamples [models, draws]) of score tables of the same
+    examples, scored and resampled as their benchmark is (the same resamples for every model)."""
     if any(f["id"].tolist() != frames[0]["id"].tolist() for f in frames):
         raise ValueError("the models were scored on different pairs")
     return SCORE_DRAWS[benchmark(benchmark_of(frames[0])).scoring](frames, draws, seed)
 
 
-def _interval(values: np.ndarray) -> tuple[float, float]:
+def interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95 % percentile interval of bootstrap values (NaN draws left out)."""
     if np.isnan(values).all():  # e.g. RewardBench 2's Ties without a prompt that has both groups
         return float("nan"), float("nan")
     tail = (100 - LEVEL) / 2
@@ -104,14 +93,8 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
 
 def score_interval(scores: pd.DataFrame, draws: int = DRAWS, seed: int = 0) -> tuple[float, float, float]:
     """(score, 95 % interval low, high) of one model's per-example score table, scored as its benchmark is."""
-    points, values = _draws([scores], draws, seed)
-    return (float(points[0]), *_interval(values[0]))
-
-
-def paired_interval(a: pd.DataFrame, b: pd.DataFrame, draws: int = DRAWS, seed: int = 0) -> tuple[float, float, float, float]:
-    """(score a, score b, 95 % interval of a - b) of two models' score tables on the same examples."""
-    points, values = _draws([a, b], draws, seed)
-    return (float(points[0]), float(points[1]), *_interval(values[0] - values[1]))
+    points, values = bootstrap([scores], draws, seed)
+    return (float(points[0]), *interval(values[0]))
 
 
 def interval_summary(scores: pd.DataFrame, draws: int = DRAWS, seed: int = 0) -> dict:
