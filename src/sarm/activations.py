@@ -809,29 +809,32 @@ class ActivationCache:
 
     def final(self) -> torch.Tensor:
         """Final-token vectors of all sequences, row = sequence number (chosen 2i, rejected 2i+1)."""
-        return self._per_sequence("final")
+        return self.states("final")[0]
 
     def prompt_final(self) -> torch.Tensor:
         """Each sequence's prompt state (`prompt_position`: the last token before its response), row = sequence."""
-        return self._per_sequence("prompt")
+        return self.states("prompt")[0]
 
-    def _per_sequence(self, name: str) -> torch.Tensor:
-        out = torch.full((len(self.index), self.hidden_size), float("nan"))
+    def states(self, *names: str) -> tuple[torch.Tensor, ...]:
+        """The per-sequence states `names` ("final", "prompt"), row = sequence, read in one pass over the shards."""
+        out = [torch.full((len(self.index), self.hidden_size), float("nan")) for _ in names]
         for shard in self.shards:
             tensors = self.load_shard(shard)
-            if name not in tensors:
+            for name, states in zip(names, out):
+                if name not in tensors:
+                    raise SarmError(
+                        f"{self.folder}: cached before its shards kept {name!r} states (cache format < {CACHE_FORMAT}); "
+                        "re-run the rule that cached it"
+                    )
+                states[tensors["seq"]] = tensors[name]
+        for states in out:
+            missing = torch.isnan(states).any(1).nonzero().flatten()
+            if len(missing):
                 raise SarmError(
-                    f"{self.folder}: cached before its shards kept {name!r} states (cache format < {CACHE_FORMAT}); "
-                    "re-run the rule that cached it"
+                    f"{self.folder}: {len(missing)} of {len(states)} sequences have no cached vector (the first: "
+                    f"{int(missing[0])}); delete it and re-run the rule that cached it"
                 )
-            out[tensors["seq"]] = tensors[name]
-        missing = torch.isnan(out).any(1).nonzero().flatten()
-        if len(missing):
-            raise SarmError(
-                f"{self.folder}: {len(missing)} of {len(out)} sequences have no cached vector (the first: "
-                f"{int(missing[0])}); delete it and re-run the rule that cached it"
-            )
-        return out
+        return tuple(out)
 
     def sentence_shards(self) -> Iterator[torch.Tensor]:
         """Sentence-final vectors, one shard at a time (float32)."""

@@ -110,7 +110,7 @@ class GatedRewardModel(RewardModel):
     def score_cache(self, cache) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """Rewards of every cached sequence and, per sequence, each objective's score and the gate's weights
         (columns `objective_<name>`, `gate_<name>`)."""
-        rewards, scores, gate = self.score_states(cache.final(), cache.prompt_final())
+        rewards, scores, gate = self.score_states(*cache.states("final", "prompt"))
         details = {f"objective_{name}": scores[:, k].numpy() for k, name in enumerate(self.objectives)}
         details.update({f"gate_{name}": gate[:, k].numpy() for k, name in enumerate(self.objectives)})
         return rewards, details

@@ -60,8 +60,8 @@ def fit_pairs(
 ) -> tuple[list[torch.Tensor], pd.DataFrame]:
     """The pairwise training loop every head on cached states shares: AdamW on `parameters`, the reward of a batch
     of rows `score(rows)`, `loss` of the pairs' margins; rows 2i / 2i+1 of `train` / `val` are pair i's chosen /
-    rejected. Returns the parameters of the epoch with the highest validation accuracy (the lower `val_loss`
-    breaks ties), as copies, and one history row per epoch. With `checkpoint_root`, every epoch is checkpointed
+    rejected. Leaves `parameters` at the epoch with the highest validation accuracy (the lower `val_loss` breaks
+    ties) and returns copies of them, and one history row per epoch. With `checkpoint_root`, every epoch is checkpointed
     there and a run that finds a checkpoint resumes after it, ending exactly as an uninterrupted run would.
     With `debias` (`sarm.length_debias`), the training loss is `debias(margin, differences[batch], loss)`,
     `differences` the training pairs' length differences; its parameters train too and are left at the selected
@@ -120,8 +120,8 @@ def fit_pairs(
     history = pd.DataFrame(history)
     best = snapshots[selected_epoch(history) - 1]
     with torch.no_grad():
-        for parameter, value in zip(parameters[head:], best[head:], strict=True):
-            parameter.copy_(value)  # the length term's parameters as at the selected epoch (their record)
+        for parameter, value in zip(parameters, best, strict=True):
+            parameter.copy_(value)  # every parameter (the length term's too: its record) as at the selected epoch
     return best[:head], history
 
 
@@ -214,18 +214,20 @@ def fit_reward_model(
     weight, history = train_head(
         shell.features(train.final(), sparse=True),
         shell.features(val.final(), sparse=True),
-        settings["epochs"],
-        settings["lr"],
-        settings["batch_size"],
-        settings["weight_decay"],
-        seed,
-        log,
-        checkpoint_root,
-        debias,
-        differences,
+        **optimiser(settings),
+        seed=seed,
+        log=log,
+        checkpoint_root=checkpoint_root,
+        debias=debias,
+        differences=differences,
     )
     record_selection(config, history, debias)
     return RewardModel(config, weight, sae), history
+
+
+def optimiser(settings: dict) -> dict:
+    """Config key `reward` (epochs, lr, batch_size, weight_decay) as the keywords of `fit_pairs` and `train_head`."""
+    return {key: settings[key] for key in ("epochs", "lr", "batch_size")} | {"weight_decay": settings.get("weight_decay", 0.0)}
 
 
 def cached_model_config(spec: dict, train, model_dir, model_spec: dict, settings: dict, seed: int) -> dict:

@@ -106,7 +106,14 @@ class MultiObjective(FrozenHead):
         from sarm import checkpoints
         from sarm.gated_reward_model import GatedRewardModel
         from sarm.length_debias import cached_differences, length_debias
-        from sarm.reward import cached_model_config, checkpoint_fingerprint, record_selection, selected_epoch, train_head
+        from sarm.reward import (
+            cached_model_config,
+            checkpoint_fingerprint,
+            optimiser,
+            record_selection,
+            selected_epoch,
+            train_head,
+        )
         from sarm.reward_model import MULTI_OBJECTIVE_FORMAT, RewardModel
 
         if self.features == "sae" and sae is None:
@@ -120,8 +127,10 @@ class MultiObjective(FrozenHead):
         config["read_at"] = "final token (response) and last token before the response (prompt)"
         width = sae.cfg.d_sae if self.features == "sae" else train.hidden_size
         shell = RewardModel(config, torch.zeros(width), sae)  # the frozen head's feature map
-        features = {name: shell.features(cache.final(), sparse=True) for name, cache in (("train", train), ("val", val))}
-        prompts = {name: shell.features(cache.prompt_final(), sparse=True) for name, cache in (("train", train), ("val", val))}
+        features, prompts = {}, {}
+        for name, cache in (("train", train), ("val", val)):
+            final, prompt = cache.states("final", "prompt")  # one pass over the shards
+            features[name], prompts[name] = shell.features(final, sparse=True), shell.features(prompt, sparse=True)
         if checkpoint_root is not None:
             checkpoint_root = checkpoints.open_root(checkpoint_root, checkpoint_fingerprint(config, train, val))
 
@@ -142,15 +151,12 @@ class MultiObjective(FrozenHead):
             weight, history = train_head(
                 features["train"][train_rows],
                 features["val"][val_rows],
-                settings["epochs"],
-                settings["lr"],
-                settings["batch_size"],
-                settings["weight_decay"],
-                seed,
-                log,
-                stage_root(f"objective{k}"),
-                debias,
-                lengths,
+                **optimiser(settings),
+                seed=seed,
+                log=log,
+                checkpoint_root=stage_root(f"objective{k}"),
+                debias=debias,
+                differences=lengths,
             )
             best = history.loc[selected_epoch(history) - 1]
             record[name] = {
@@ -221,7 +227,7 @@ def train_gate(
     Returns one history row per epoch."""
     import torch
 
-    from sarm.reward import fit_pairs
+    from sarm.reward import fit_pairs, optimiser
 
     rows = {name: GateRows(model.objective_scores(features[name]), prompts[name]) for name in ("train", "val")}
     weight = model.gate_weight.clone().requires_grad_(True)
@@ -235,13 +241,10 @@ def train_gate(
         score,
         rows["train"],
         rows["val"],
-        settings["epochs"],
-        settings["lr"],
-        settings["batch_size"],
-        settings.get("weight_decay", 0.0),
-        seed,
-        log,
-        checkpoint_root,
+        **optimiser(settings),
+        seed=seed,
+        log=log,
+        checkpoint_root=checkpoint_root,
         what="multi-objective gate training",
         debias=debias,
         differences=differences,

@@ -223,33 +223,27 @@ def train_mlp(
     epoch. Returns one history row per epoch."""
     import torch
 
-    from sarm.reward import fit_pairs
+    from sarm.reward import fit_pairs, optimiser
 
     parameters = list(model.mlp.train().requires_grad_(True).parameters())
 
     def hinge(reward_margin):
         return torch.relu(margin - reward_margin).mean()
 
-    best, history = fit_pairs(
+    _, history = fit_pairs(
         parameters,
         model.head,
         train,
         val,
-        settings["epochs"],
-        settings["lr"],
-        settings["batch_size"],
-        settings.get("weight_decay", 0.0),
-        seed,
-        log,
-        checkpoint_root,
+        **optimiser(settings),
+        seed=seed,
+        log=log,
+        checkpoint_root=checkpoint_root,
         loss=hinge,
         val_loss=hinge,
         what="SparseRM training",
         debias=debias,
         differences=differences,
     )
-    with torch.no_grad():
-        for parameter, value in zip(parameters, best, strict=True):
-            parameter.copy_(value)
-    model.mlp.eval().requires_grad_(False)
+    model.mlp.eval().requires_grad_(False)  # fit_pairs left it at the kept epoch
     return history
