@@ -67,10 +67,10 @@ def one_process(tiny_model_dir, hh_pairs, tmp_path_factory):
     return out
 
 
-def _job(tmp_path, tables, tiny_model_dir, name="rm", **settings) -> Path:
+def _job(tmp_path, tables, tiny_model_dir, name="rm", spec=SPEC, **settings) -> Path:
     return write_job(
         tmp_path / f"{name}.job.json",
-        spec=SPEC,
+        spec=spec,
         settings={**SETTINGS, **settings},
         model_dir=tiny_model_dir,
         model_spec=MODEL_SPEC,
@@ -90,6 +90,9 @@ def _launch(job: Path, log: Path, **env) -> None:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    if not (folder / "backbone").exists():  # full_depth: a plain HF sequence-classifier folder
+        weights = load_file(next(folder.glob("*.safetensors")))
+        return {k.removeprefix("model."): v for k, v in weights.items()}
     weights = load_file(next((folder / "backbone").glob("*.safetensors")))
     return {**weights, "head": load_file(folder / "head.safetensors")["weight"]}
 
@@ -179,6 +182,54 @@ def test_zero3_in_two_cpu_processes_splits_the_weights_and_trains_as_one_process
     assert sum(r["local_parameters"] for r in ranks["ranks"]) >= total
     assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["training"]["zero3"] is True
     _assert_same_training(tmp_path / "rm", one_process, tiny_model_dir)
+
+
+@pytest.mark.parametrize("zero3", [False, pytest.param(True, marks=pytest.mark.deepspeed)], ids=["ddp", "zero3"])
+def test_the_poe_length_term_trains_in_two_processes_as_in_one(zero3, tables, tiny_model_dir, hh_pairs, tmp_path):
+    """`length_debias: poe` end to end: beta is a parameter of the wrapped model, so data parallel all-reduces its
+    gradient and ZeRO-3 shards and gathers it like any weight; two processes learn the beta and the weights one
+    process with accumulation learns."""
+    spec = {**SPEC, "length_debias": "poe"}
+    one, _ = finetune_reward_model(
+        spec,
+        SETTINGS,
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:TRAIN_PAIRS],
+        hh_pairs.iloc[8:12],
+        tmp_path / "one",
+        None,
+        "cpu",
+        seed=0,
+    )
+    _launch(_job(tmp_path, tables, tiny_model_dir, spec=spec, zero3=zero3), tmp_path / "train.log")
+    _assert_both_ranks_trained(tmp_path / "rm", hh_pairs.id[:TRAIN_PAIRS].tolist())
+    _assert_same_training(tmp_path / "rm", one, tiny_model_dir)
+    betas = [
+        json.loads((folder / "reward_model.json").read_text())["training"]["length_beta"] for folder in (tmp_path / "rm", one)
+    ]
+    assert betas[0] != 0 and abs(betas[0] - betas[1]) <= ATOL, betas
+
+
+def test_full_depth_trains_in_two_processes_as_in_one(tables, tiny_model_dir, hh_pairs, tmp_path):
+    """The workers run the package's module (`python -m sarm.finetune` loads it a second time as `__main__`): the
+    classifier the full_depth kind builds is recognised there (its config, its save), as in one process."""
+    spec = {"mode": "full_depth"}
+    one, _ = finetune_reward_model(
+        spec,
+        SETTINGS,
+        tiny_model_dir,
+        MODEL_SPEC,
+        hh_pairs.iloc[:TRAIN_PAIRS],
+        hh_pairs.iloc[8:12],
+        tmp_path / "one",
+        None,
+        "cpu",
+        seed=0,
+    )
+    _launch(_job(tmp_path, tables, tiny_model_dir, spec=spec), tmp_path / "train.log")
+    _assert_both_ranks_trained(tmp_path / "rm", hh_pairs.id[:TRAIN_PAIRS].tolist())
+    _assert_same_training(tmp_path / "rm", one, tiny_model_dir)
 
 
 def _job_processes(job: Path) -> list[int]:

@@ -759,4 +759,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker (its own session): end with the launcher
         die_with_parent(signal.SIGKILL)
-    run_job(sys.argv[1])
+    # The job runs in the package's module, not in this `__main__` copy of it: the variants build the package's
+    # classes (`sarm.finetune.SarmForReward`), which this copy's isinstance checks would not recognise.
+    from sarm import finetune
+
+    finetune.run_job(sys.argv[1])

@@ -50,7 +50,8 @@ class LengthDebias(nn.Module):
         if method not in LENGTH_DEBIAS:
             raise ValueError(f"length_debias {method!r} is not one of {LENGTH_DEBIAS}")
         self.method, self.weight, self.scale = method, float(weight), float(scale)
-        self.beta = nn.Parameter(torch.zeros(())) if method == "poe" else None
+        # shape [1], not a 0-d scalar: DeepSpeed ZeRO-3 cannot broadcast or shard a 0-d parameter
+        self.beta = nn.Parameter(torch.zeros(1)) if method == "poe" else None
 
     def forward(self, margin: torch.Tensor, differences: torch.Tensor, loss: Callable) -> torch.Tensor:
         """`loss` (of the pairs' margins r_c - r_r) with the length term; `differences`: l_c - l_r in tokens."""
@@ -63,7 +64,7 @@ class LengthDebias(nn.Module):
         """What the trained model's training record keeps: the method, its weight or the learned beta, the scale."""
         out = {"length_debias": self.method, "length_scale_tokens": self.scale}
         if self.beta is not None:
-            out["length_beta"] = float(self.beta.detach())
+            out["length_beta"] = self.beta.item()
         else:
             out["length_weight"] = self.weight
         return out
